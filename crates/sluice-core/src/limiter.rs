@@ -1,0 +1,379 @@
+//! The engine's front door: policies, time and a [`Store`], turned into decisions.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use crate::decision::{
+    Decision, Denial, DenialReason, ExpiredReservation, LimitStatus, Request, Reservation,
+    ReservationError, ReservationId, Settlement, Statuses,
+};
+use crate::memory::MemoryStore;
+use crate::metric::Amounts;
+use crate::policy::{Policy, StateIdentity};
+use crate::store::{Admit, Hold, Level, LimitKey, PlanSubject, PlannedLimit, Refusal, Store};
+use crate::subject::{Subject, SubjectKind};
+use crate::time::{Clock, SystemClock, Timestamp, duration_nanos};
+
+/// Limiter settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimiterConfig {
+    /// Lease of a reservation when the caller names none.
+    pub default_lease: Duration,
+    /// The longest lease a caller may ask for (longer ones are cut to this).
+    pub max_lease: Duration,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        LimiterConfig {
+            default_lease: Duration::from_secs(300),
+            max_lease: Duration::from_secs(3_600),
+        }
+    }
+}
+
+/// Subjects carry their hash; hashing them again would be waste.
+#[derive(Default)]
+struct SubjectHasher(u64);
+
+impl Hasher for SubjectHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[derive(Debug)]
+struct Resolved {
+    policy: Arc<Policy>,
+    planned: Vec<PlannedLimit>,
+}
+
+#[derive(Debug, Default)]
+struct Policies {
+    exact: HashMap<Subject, Resolved, BuildHasherDefault<SubjectHasher>>,
+    tiers: Vec<(SubjectKind, Resolved)>,
+    keys: HashMap<StateIdentity, LimitKey>,
+}
+
+impl Policies {
+    fn resolve(&self, subject: &Subject) -> Option<&Resolved> {
+        self.exact.get(subject).or_else(|| {
+            self.tiers
+                .iter()
+                .find(|(kind, _)| *kind == subject.kind())
+                .map(|(_, r)| r)
+        })
+    }
+}
+
+/// The limit engine: decides requests against every subject's policy.
+///
+/// Generic over where time comes from and where state lives; the defaults are
+/// the system clock and the in-memory store.
+#[derive(Debug)]
+pub struct Limiter<C = SystemClock, S = MemoryStore> {
+    clock: C,
+    store: S,
+    config: LimiterConfig,
+    policies: RwLock<Policies>,
+}
+
+impl Limiter {
+    /// An in-memory limiter on the system clock.
+    pub fn in_memory() -> Limiter {
+        Limiter::new(SystemClock, MemoryStore::new(), LimiterConfig::default())
+    }
+}
+
+struct Plan<'a> {
+    subjects: SmallVec<[PlanSubject<'a>; 4]>,
+}
+
+impl<C: Clock, S: Store> Limiter<C, S> {
+    /// A limiter with this clock, store and settings.
+    pub fn new(clock: C, store: S, config: LimiterConfig) -> Limiter<C, S> {
+        Limiter {
+            clock,
+            store,
+            config,
+            policies: RwLock::default(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Policies> {
+        self.policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Set (or replace) a subject's policy; a wildcard subject (`user:*`) sets
+    /// the tier for every subject of its kind without a policy of its own.
+    /// Usage of limits that stay the same (metric, window, algorithm) is kept.
+    pub fn set_policy(&self, subject: &Subject, policy: Policy) -> Option<Arc<Policy>> {
+        let mut table = self
+            .policies
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let planned = policy
+            .limits()
+            .iter()
+            .map(|limit| {
+                let next = LimitKey(u32::try_from(table.keys.len()).unwrap_or(u32::MAX));
+                let key = *table.keys.entry(limit.identity.clone()).or_insert(next);
+                PlannedLimit {
+                    key,
+                    limit: Arc::clone(limit),
+                }
+            })
+            .collect();
+        let resolved = Resolved {
+            policy: Arc::new(policy),
+            planned,
+        };
+        if subject.is_wildcard() {
+            let kind = subject.kind();
+            let old = table
+                .tiers
+                .iter()
+                .position(|(k, _)| *k == kind)
+                .map(|i| table.tiers.remove(i));
+            table.tiers.push((kind, resolved));
+            old.map(|(_, r)| r.policy)
+        } else {
+            table
+                .exact
+                .insert(subject.clone(), resolved)
+                .map(|r| r.policy)
+        }
+    }
+
+    /// Remove a subject's own policy (or a tier). Its counters stay until idle.
+    pub fn remove_policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
+        let mut table = self
+            .policies
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if subject.is_wildcard() {
+            let pos = table.tiers.iter().position(|(k, _)| *k == subject.kind())?;
+            Some(table.tiers.remove(pos).1.policy)
+        } else {
+            table.exact.remove(subject).map(|r| r.policy)
+        }
+    }
+
+    /// The subject's own policy (or the tier's, for a wildcard subject).
+    pub fn policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
+        let table = self.read();
+        if subject.is_wildcard() {
+            table
+                .tiers
+                .iter()
+                .find(|(k, _)| *k == subject.kind())
+                .map(|(_, r)| Arc::clone(&r.policy))
+        } else {
+            table.exact.get(subject).map(|r| Arc::clone(&r.policy))
+        }
+    }
+
+    /// The policy that applies to a subject: its own, else its kind's tier.
+    pub fn effective_policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
+        self.read().resolve(subject).map(|r| Arc::clone(&r.policy))
+    }
+
+    /// Every policy, tiers included, sorted by subject.
+    pub fn policies(&self) -> Vec<(Subject, Arc<Policy>)> {
+        let table = self.read();
+        let mut all: Vec<_> = table
+            .exact
+            .iter()
+            .map(|(s, r)| (s.clone(), Arc::clone(&r.policy)))
+            .chain(
+                table
+                    .tiers
+                    .iter()
+                    .map(|(k, r)| (Subject::wildcard(*k), Arc::clone(&r.policy))),
+            )
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    fn plan<'a>(table: &'a Policies, request: &'a Request) -> Plan<'a> {
+        let mut subjects: SmallVec<[PlanSubject<'a>; 4]> = SmallVec::new();
+        for (index, subject) in request.subjects.iter().enumerate() {
+            if request.subjects[..index].contains(subject) {
+                continue;
+            }
+            if let Some(resolved) = table.resolve(subject) {
+                subjects.push(PlanSubject {
+                    subject,
+                    index,
+                    limits: &resolved.planned,
+                });
+            }
+        }
+        Plan { subjects }
+    }
+
+    fn statuses(plan: &Plan<'_>, levels: &[Level]) -> Statuses {
+        let mut out = Statuses::with_capacity(levels.len());
+        let mut levels = levels.iter();
+        for p in &plan.subjects {
+            for (pl, level) in p.limits.iter().zip(levels.by_ref()) {
+                out.push(LimitStatus {
+                    subject: p.index,
+                    metric: pl.limit.metric(),
+                    window: pl.limit.window(),
+                    algorithm: pl.limit.algorithm(),
+                    limit: pl.limit.limit(),
+                    used: level.used,
+                    remaining: level.remaining,
+                    reset_at: Timestamp::from_nanos(level.reset_at),
+                });
+            }
+        }
+        out
+    }
+
+    fn denial(plan: &Plan<'_>, refusal: Refusal, amounts: &Amounts, now: u64) -> Denial {
+        let p = &plan.subjects[refusal.plan_subject];
+        let limit = &p.limits[refusal.limit].limit;
+        let reason = match refusal.admit {
+            Admit::At(t) => {
+                DenialReason::RetryAfter(Duration::from_nanos(t.saturating_sub(now).max(1)))
+            }
+            Admit::Now | Admit::Never => DenialReason::NeverFits {
+                requested: amounts.get(limit.metric()),
+                capacity: limit.capacity(),
+            },
+        };
+        Denial {
+            subject: p.index,
+            metric: limit.metric(),
+            window: limit.window(),
+            limit: limit.limit(),
+            reason,
+        }
+    }
+
+    /// Decide and, if allowed, take the amounts at once (reserve + commit).
+    pub fn check(&self, request: &Request) -> Decision {
+        let table = self.read();
+        let plan = Self::plan(&table, request);
+        let now = self.clock.now().as_nanos();
+        match self
+            .store
+            .acquire(now, &plan.subjects, &request.amounts, Hold::Spend)
+        {
+            Ok(acquired) => Decision::Allowed(Self::statuses(&plan, &acquired.levels)),
+            Err(refusal) => Decision::Denied(Self::denial(&plan, refusal, &request.amounts, now)),
+        }
+    }
+
+    /// Decide without taking anything.
+    pub fn peek(&self, request: &Request) -> Decision {
+        let table = self.read();
+        let plan = Self::plan(&table, request);
+        let now = self.clock.now().as_nanos();
+        match self.store.peek(now, &plan.subjects, &request.amounts) {
+            Ok(levels) => Decision::Allowed(Self::statuses(&plan, &levels)),
+            Err(refusal) => Decision::Denied(Self::denial(&plan, refusal, &request.amounts, now)),
+        }
+    }
+
+    /// Hold the amounts until [`commit`](Self::commit), [`release`](Self::release)
+    /// or the lease's end (default [`LimiterConfig::default_lease`]), when they
+    /// are settled as spent.
+    pub fn reserve(
+        &self,
+        request: &Request,
+        lease: Option<Duration>,
+    ) -> Result<Reservation, Denial> {
+        let lease = lease
+            .unwrap_or(self.config.default_lease)
+            .min(self.config.max_lease)
+            .max(Duration::from_nanos(1));
+        let table = self.read();
+        let plan = Self::plan(&table, request);
+        let now = self.clock.now().as_nanos();
+        let expires_at = now.saturating_add(duration_nanos(lease));
+        match self.store.acquire(
+            now,
+            &plan.subjects,
+            &request.amounts,
+            Hold::Lease { expires_at },
+        ) {
+            Ok(acquired) => Ok(Reservation {
+                id: acquired.reservation.unwrap_or(ReservationId(0)),
+                expires_at: Timestamp::from_nanos(expires_at),
+                limits: Self::statuses(&plan, &acquired.levels),
+            }),
+            Err(refusal) => Err(Self::denial(&plan, refusal, &request.amounts, now)),
+        }
+    }
+
+    /// Settle a reservation at the actual amounts: less than held is refunded,
+    /// more is charged even past the limit and reported as overshoot.
+    pub fn commit(
+        &self,
+        id: ReservationId,
+        actual: &Amounts,
+    ) -> Result<Settlement, ReservationError> {
+        self.store
+            .settle(self.clock.now().as_nanos(), id, Some(actual))
+    }
+
+    /// Refund everything a reservation holds.
+    pub fn release(&self, id: ReservationId) -> Result<(), ReservationError> {
+        self.store
+            .settle(self.clock.now().as_nanos(), id, None)
+            .map(|_| ())
+    }
+
+    /// Used, remaining and reset of each limit that applies to `subject`
+    /// (`subject` index 0 in each status).
+    pub fn usage(&self, subject: &Subject) -> Vec<LimitStatus> {
+        let request = Request::new([subject.clone()], Amounts::ZERO);
+        match self.peek(&request) {
+            Decision::Allowed(statuses) => statuses.into_vec(),
+            Decision::Denied(_) => Vec::new(), // a zero request is never refused
+        }
+    }
+
+    /// Settle every lease that has run out, returning what each held.
+    pub fn expire_leases(&self) -> Vec<ExpiredReservation> {
+        self.store.expire(self.clock.now().as_nanos())
+    }
+
+    /// Drop idle state now (the store also does this as it grows).
+    pub fn sweep(&self) -> usize {
+        self.store.sweep(self.clock.now().as_nanos())
+    }
+
+    /// Reservations not yet settled.
+    pub fn outstanding(&self) -> usize {
+        self.store.outstanding()
+    }
+}
