@@ -292,6 +292,22 @@ impl<C: Clock, S: Store> Limiter<C, S> {
         }
     }
 
+    /// Take the amounts at instant `at` without deciding: every limit is
+    /// charged, even past its limit. For replaying a ledger after a restart
+    /// (in time order) and for letting a request through on purpose.
+    /// Returns the statuses after the charge.
+    pub fn charge_at(&self, request: &Request, at: Timestamp) -> Statuses {
+        let table = self.read();
+        let plan = Self::plan(&table, request);
+        match self
+            .store
+            .acquire(at.as_nanos(), &plan.subjects, &request.amounts, Hold::Force)
+        {
+            Ok(acquired) => Self::statuses(&plan, &acquired.levels),
+            Err(_) => Statuses::new(), // a forced charge is never refused
+        }
+    }
+
     /// Decide without taking anything.
     pub fn peek(&self, request: &Request) -> Decision {
         let table = self.read();

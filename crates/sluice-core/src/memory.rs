@@ -292,8 +292,10 @@ impl Store for MemoryStore {
         hold: Hold,
     ) -> Result<Acquired, Refusal> {
         let mut locked = Locked::new(self, plan.iter().map(|p| shard_index(p.subject)));
-        if let Some(refusal) = Self::decide(&mut locked, now, plan, amounts) {
-            return Err(refusal);
+        if hold != Hold::Force {
+            if let Some(refusal) = Self::decide(&mut locked, now, plan, amounts) {
+                return Err(refusal);
+            }
         }
         let mut levels = SmallVec::new();
         let mut held = Vec::new();
@@ -328,7 +330,7 @@ impl Store for MemoryStore {
         }
         drop(locked);
         let reservation = match hold {
-            Hold::Spend => None,
+            Hold::Spend | Hold::Force => None,
             Hold::Lease { expires_at } => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 lock(self.lease_shard(id)).insert(

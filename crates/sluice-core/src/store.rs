@@ -48,6 +48,9 @@ pub struct PlanSubject<'a> {
 pub enum Hold {
     /// Nothing: the amounts are spent (`check`).
     Spend,
+    /// Nothing, and without deciding: the amounts are charged even past
+    /// every limit (replaying a ledger; letting a request through on purpose).
+    Force,
     /// A reservation whose lease runs out at this instant (ns).
     Lease {
         /// Lease end, ns since the epoch.
