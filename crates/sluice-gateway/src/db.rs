@@ -1,0 +1,581 @@
+//! Durable state in SQLite (WAL): policies, agent keys (hashed), the
+//! append-only usage ledger, daily spend roll-ups and idempotency records.
+//! Schema changes are versioned migrations, applied in order at start.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sluice_core::{Amounts, Metric};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::config::LedgerSync;
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+#[error("database: {0}")]
+pub struct DbError(#[from] sqlx::Error);
+
+/// Migrations, in order; each runs once, in a transaction, and is recorded.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE policies (
+        subject TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        updated_ns BIGINT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        subject TEXT NOT NULL,
+        name TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        created_ns BIGINT NOT NULL,
+        revoked_ns BIGINT
+    );
+    CREATE TABLE ledger (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ns BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        reservation TEXT,
+        subjects TEXT NOT NULL,
+        requests BIGINT NOT NULL,
+        tokens BIGINT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cost_micros BIGINT NOT NULL,
+        held TEXT,
+        reserved_ns BIGINT,
+        caller TEXT NOT NULL,
+        request_id TEXT,
+        detail TEXT
+    );
+    CREATE INDEX ledger_ts ON ledger (ts_ns);
+    CREATE TABLE spend_daily (
+        subject TEXT NOT NULL,
+        day TEXT NOT NULL,
+        requests BIGINT NOT NULL,
+        tokens BIGINT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cost_micros BIGINT NOT NULL,
+        PRIMARY KEY (subject, day)
+    );
+    CREATE TABLE idempotency (
+        scope TEXT PRIMARY KEY,
+        created_ns BIGINT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL
+    );
+    CREATE INDEX idempotency_created ON idempotency (created_ns);",
+)];
+
+/// What a ledger row records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    /// `POST /v1/check`: taken at once.
+    Check,
+    /// `POST /v1/intents`: one intent and its cost.
+    Intent,
+    /// `POST /v1/reserve`: held (amounts are the held amounts).
+    Reserve,
+    /// A reservation committed (amounts are the actual amounts).
+    Commit,
+    /// A reservation released (amounts are zero).
+    Release,
+    /// A lease ran out (amounts are the held amounts, now spent).
+    Expire,
+    /// Found unsettled at start after a crash, settled at its held amounts.
+    Restart,
+}
+
+impl RowKind {
+    /// Its name in the ledger.
+    pub fn name(self) -> &'static str {
+        match self {
+            RowKind::Check => "check",
+            RowKind::Intent => "intent",
+            RowKind::Reserve => "reserve",
+            RowKind::Commit => "commit",
+            RowKind::Release => "release",
+            RowKind::Expire => "expire",
+            RowKind::Restart => "restart",
+        }
+    }
+
+    fn parse(s: &str) -> Option<RowKind> {
+        Some(match s {
+            "check" => RowKind::Check,
+            "intent" => RowKind::Intent,
+            "reserve" => RowKind::Reserve,
+            "commit" => RowKind::Commit,
+            "release" => RowKind::Release,
+            "expire" => RowKind::Expire,
+            "restart" => RowKind::Restart,
+            _ => return None,
+        })
+    }
+
+    /// Whether the row's amounts are spend (rather than a hold or nothing).
+    pub fn is_spend(self) -> bool {
+        !matches!(self, RowKind::Reserve | RowKind::Release)
+    }
+}
+
+/// One ledger row.
+#[derive(Debug, Clone)]
+pub struct LedgerRow {
+    /// When, ns since the epoch.
+    pub ts_ns: u64,
+    /// What happened.
+    pub kind: RowKind,
+    /// The reservation it belongs to.
+    pub reservation: Option<String>,
+    /// Every subject charged.
+    pub subjects: Vec<String>,
+    /// Amounts (see [`RowKind`]).
+    pub amounts: Amounts,
+    /// For settle rows: what the reservation held.
+    pub held: Option<Amounts>,
+    /// For settle rows: when the reservation was made.
+    pub reserved_ns: Option<u64>,
+    /// `admin` or the agent key id.
+    pub caller: String,
+    /// Request id (the intent id, the caller's trace id, ...).
+    pub request_id: Option<String>,
+    /// JSON details (intent type, overshoot, ...).
+    pub detail: Option<String>,
+}
+
+/// A stored idempotent answer.
+#[derive(Debug, Clone)]
+pub struct IdemRow {
+    /// caller + method + path + key.
+    pub scope: String,
+    /// When it was first answered.
+    pub created_ns: u64,
+    /// Hash of the request body.
+    pub fingerprint: String,
+    /// Status code.
+    pub status: u16,
+    /// Headers to replay, JSON `[[name, value], ...]`.
+    pub headers: String,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// A stored agent key (its hash, never the key).
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    /// `key_...`.
+    pub id: String,
+    /// SHA-256 of the key, hex.
+    pub hash: String,
+    /// The subject it acts for.
+    pub subject: String,
+    /// A label.
+    pub name: String,
+    /// The first characters of the key, to recognise it.
+    pub prefix: String,
+    /// Created, ns.
+    pub created_ns: u64,
+}
+
+/// Spend of a subject over a period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    /// Sum of amounts.
+    pub amounts: Amounts,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// `"r,t,ti,to,c"`.
+pub fn amounts_text(a: &Amounts) -> String {
+    Metric::ALL
+        .iter()
+        .map(|m| a.get(*m).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_amounts_text(s: &str) -> Option<Amounts> {
+    let mut out = Amounts::ZERO;
+    let mut parts = s.split(',');
+    for m in Metric::ALL {
+        out.set(m, parts.next()?.parse().ok()?);
+    }
+    Some(out)
+}
+
+/// The UTC day (`2026-11-22`) of an instant.
+pub fn utc_day(ts_ns: u64) -> String {
+    let secs = i64::try_from(ts_ns / 1_000_000_000).unwrap_or(i64::MAX);
+    jiff::Timestamp::from_second(secs)
+        .map(|t| t.strftime("%Y-%m-%d").to_string())
+        .unwrap_or_else(|_| "1970-01-01".to_owned())
+}
+
+/// The database.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: SqlitePool,
+}
+
+impl Db {
+    /// Open (creating) `DIR/sluice.db` and apply migrations.
+    pub async fn open(dir: &Path, sync: LedgerSync) -> Result<Db, DbError> {
+        let path = dir.join("sluice.db");
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match sync {
+                LedgerSync::Batch => SqliteSynchronous::Normal,
+                LedgerSync::Always => SqliteSynchronous::Full,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        let db = Db { pool };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ns BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        for (version, sql) in MIGRATIONS {
+            let mut tx = self.pool.begin().await?;
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if done.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_ns) VALUES ($1, 0)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// The schema version in force.
+    pub async fn schema_version(&self) -> Result<i64, DbError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Every policy: (subject, body JSON, updated ns).
+    pub async fn policies(&self) -> Result<Vec<(String, String, u64)>, DbError> {
+        let rows = sqlx::query("SELECT subject, body, updated_ns FROM policies ORDER BY subject")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("subject")?,
+                    r.try_get("body")?,
+                    to_u64(r.try_get("updated_ns")?),
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError)
+    }
+
+    /// Insert or replace a policy.
+    pub async fn put_policy(&self, subject: &str, body: &str, ts_ns: u64) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO policies (subject, body, updated_ns) VALUES ($1, $2, $3)
+             ON CONFLICT (subject) DO UPDATE SET body = excluded.body, updated_ns = excluded.updated_ns",
+        )
+        .bind(subject)
+        .bind(body)
+        .bind(to_i64(ts_ns))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Delete a policy; whether it existed.
+    pub async fn delete_policy(&self, subject: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("DELETE FROM policies WHERE subject = $1")
+            .bind(subject)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Keys not revoked.
+    pub async fn keys(&self) -> Result<Vec<KeyRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, hash, subject, name, prefix, created_ns FROM api_keys
+             WHERE revoked_ns IS NULL ORDER BY created_ns, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(KeyRow {
+                    id: r.try_get("id")?,
+                    hash: r.try_get("hash")?,
+                    subject: r.try_get("subject")?,
+                    name: r.try_get("name")?,
+                    prefix: r.try_get("prefix")?,
+                    created_ns: to_u64(r.try_get("created_ns")?),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError)
+    }
+
+    /// Store a new key.
+    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, hash, subject, name, prefix, created_ns) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.id)
+        .bind(&key.hash)
+        .bind(&key.subject)
+        .bind(&key.name)
+        .bind(&key.prefix)
+        .bind(to_i64(key.created_ns))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Revoke a key; whether it was live.
+    pub async fn revoke_key(&self, id: &str, ts_ns: u64) -> Result<bool, DbError> {
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_ns = $1 WHERE id = $2 AND revoked_ns IS NULL")
+                .bind(to_i64(ts_ns))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Write ledger rows and idempotency records in one transaction, and
+    /// roll spend up per subject and UTC day.
+    pub async fn write_batch(&self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        let mut rollup: HashMap<(&str, String), Amounts> = HashMap::new();
+        for row in rows {
+            let subjects = serde_json::to_string(&row.subjects).unwrap_or_else(|_| "[]".into());
+            sqlx::query(
+                "INSERT INTO ledger (ts_ns, kind, reservation, subjects, requests, tokens, input_tokens,
+                 output_tokens, cost_micros, held, reserved_ns, caller, request_id, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(to_i64(row.ts_ns))
+            .bind(row.kind.name())
+            .bind(row.reservation.as_deref())
+            .bind(subjects)
+            .bind(to_i64(row.amounts.get(Metric::Requests)))
+            .bind(to_i64(row.amounts.get(Metric::Tokens)))
+            .bind(to_i64(row.amounts.get(Metric::InputTokens)))
+            .bind(to_i64(row.amounts.get(Metric::OutputTokens)))
+            .bind(to_i64(row.amounts.get(Metric::CostUsd)))
+            .bind(row.held.as_ref().map(amounts_text))
+            .bind(row.reserved_ns.map(to_i64))
+            .bind(&row.caller)
+            .bind(row.request_id.as_deref())
+            .bind(row.detail.as_deref())
+            .execute(&mut *tx)
+            .await?;
+            if row.kind.is_spend() && row.amounts != Amounts::ZERO {
+                let day = utc_day(row.ts_ns);
+                for s in &row.subjects {
+                    let sum = rollup
+                        .entry((s.as_str(), day.clone()))
+                        .or_insert(Amounts::ZERO);
+                    for m in Metric::ALL {
+                        sum.set(m, sum.get(m).saturating_add(row.amounts.get(m)));
+                    }
+                }
+            }
+        }
+        for ((subject, day), a) in rollup {
+            sqlx::query(
+                "INSERT INTO spend_daily (subject, day, requests, tokens, input_tokens, output_tokens, cost_micros)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (subject, day) DO UPDATE SET
+                   requests = spend_daily.requests + excluded.requests,
+                   tokens = spend_daily.tokens + excluded.tokens,
+                   input_tokens = spend_daily.input_tokens + excluded.input_tokens,
+                   output_tokens = spend_daily.output_tokens + excluded.output_tokens,
+                   cost_micros = spend_daily.cost_micros + excluded.cost_micros",
+            )
+            .bind(subject)
+            .bind(day)
+            .bind(to_i64(a.get(Metric::Requests)))
+            .bind(to_i64(a.get(Metric::Tokens)))
+            .bind(to_i64(a.get(Metric::InputTokens)))
+            .bind(to_i64(a.get(Metric::OutputTokens)))
+            .bind(to_i64(a.get(Metric::CostUsd)))
+            .execute(&mut *tx)
+            .await?;
+        }
+        for r in idem {
+            sqlx::query(
+                "INSERT INTO idempotency (scope, created_ns, fingerprint, status, headers, body)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope) DO NOTHING",
+            )
+            .bind(&r.scope)
+            .bind(to_i64(r.created_ns))
+            .bind(&r.fingerprint)
+            .bind(i64::from(r.status))
+            .bind(&r.headers)
+            .bind(&r.body)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ledger rows at or after `since_ns`, in the order written.
+    pub async fn ledger_since(&self, since_ns: u64) -> Result<Vec<LedgerRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT ts_ns, kind, reservation, subjects, requests, tokens, input_tokens, output_tokens,
+             cost_micros, held, reserved_ns, caller, request_id, detail
+             FROM ledger WHERE ts_ns >= $1 ORDER BY seq",
+        )
+        .bind(to_i64(since_ns))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let kind: String = r.try_get("kind")?;
+            let Some(kind) = RowKind::parse(&kind) else {
+                continue;
+            };
+            let subjects: String = r.try_get("subjects")?;
+            let held: Option<String> = r.try_get("held")?;
+            let mut amounts = Amounts::ZERO;
+            for (m, col) in [
+                (Metric::Requests, "requests"),
+                (Metric::Tokens, "tokens"),
+                (Metric::InputTokens, "input_tokens"),
+                (Metric::OutputTokens, "output_tokens"),
+                (Metric::CostUsd, "cost_micros"),
+            ] {
+                amounts.set(m, to_u64(r.try_get(col)?));
+            }
+            out.push(LedgerRow {
+                ts_ns: to_u64(r.try_get("ts_ns")?),
+                kind,
+                reservation: r.try_get("reservation")?,
+                subjects: serde_json::from_str(&subjects).unwrap_or_default(),
+                amounts,
+                held: held.as_deref().and_then(parse_amounts_text),
+                reserved_ns: r.try_get::<Option<i64>, _>("reserved_ns")?.map(to_u64),
+                caller: r.try_get("caller")?,
+                request_id: r.try_get("request_id")?,
+                detail: r.try_get("detail")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Ledger rows in all.
+    pub async fn ledger_len(&self) -> Result<u64, DbError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(n))
+    }
+
+    /// Spend of a subject on days `from..=to` (UTC, `YYYY-MM-DD`); `None` bounds mean all time.
+    pub async fn spend(
+        &self,
+        subject: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<Spend, DbError> {
+        let r = sqlx::query(
+            "SELECT COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tokens), 0) AS tokens,
+             COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) AS output_tokens,
+             COALESCE(SUM(cost_micros), 0) AS cost_micros
+             FROM spend_daily WHERE subject = $1 AND day >= $2 AND day <= $3",
+        )
+        .bind(subject)
+        .bind(from.unwrap_or("0000-00-00"))
+        .bind(to.unwrap_or("9999-99-99"))
+        .fetch_one(&self.pool)
+        .await?;
+        let mut amounts = Amounts::ZERO;
+        for (m, col) in [
+            (Metric::Requests, "requests"),
+            (Metric::Tokens, "tokens"),
+            (Metric::InputTokens, "input_tokens"),
+            (Metric::OutputTokens, "output_tokens"),
+            (Metric::CostUsd, "cost_micros"),
+        ] {
+            amounts.set(m, to_u64(r.try_get(col)?));
+        }
+        Ok(Spend { amounts })
+    }
+
+    /// Idempotency records created at or after `since_ns`.
+    pub async fn idempotency_since(&self, since_ns: u64) -> Result<Vec<IdemRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT scope, created_ns, fingerprint, status, headers, body FROM idempotency WHERE created_ns >= $1",
+        )
+        .bind(to_i64(since_ns))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(IdemRow {
+                    scope: r.try_get("scope")?,
+                    created_ns: to_u64(r.try_get("created_ns")?),
+                    fingerprint: r.try_get("fingerprint")?,
+                    status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(200),
+                    headers: r.try_get("headers")?,
+                    body: r.try_get("body")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError)
+    }
+
+    /// Drop idempotency records older than `before_ns`.
+    pub async fn prune_idempotency(&self, before_ns: u64) -> Result<u64, DbError> {
+        let r = sqlx::query("DELETE FROM idempotency WHERE created_ns < $1")
+            .bind(to_i64(before_ns))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Close the pool (after the ledger is flushed).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

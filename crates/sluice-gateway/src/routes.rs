@@ -1,0 +1,1186 @@
+//! HTTP handlers. Each authenticates, parses (errors name the field), calls
+//! the engine, queues ledger rows, and answers JSON.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use sluice_core::{
+    Amounts, Decision, Denial, DenialReason, LimitStatus, Request, ReservationError, Subject,
+    SubjectKind, Timestamp, Window, micros_to_usd,
+};
+
+use crate::auth::{AgentKey, Caller, generate_key, hash_key, hex, random_hex};
+use crate::db::{IdemRow, KeyRow, LedgerRow, RowKind};
+use crate::error::ApiError;
+use crate::idempotency::{self, Begin, Stored};
+use crate::json;
+use crate::metrics::{Endpoint, Gauges, Outcome};
+use crate::ratelimit;
+use crate::reservations::{Meta, Parsed};
+use crate::server::{AppState, StoredPolicy};
+use crate::wire::{
+    AmountsBody, CheckBody, CommitBody, LimitBody, PolicyBody, ReserveBody, amounts_json,
+    metric_value, parse_subjects, policy_json, rfc3339, status_json,
+};
+
+type St = State<Arc<AppState>>;
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/policies", get(list_policies))
+        .route(
+            "/v1/policies/{*subject}",
+            get(get_policy).put(put_policy).delete(delete_policy),
+        )
+        .route("/v1/check", post(check))
+        .route("/v1/reserve", post(reserve))
+        .route("/v1/reservations/{id}/commit", post(commit))
+        .route("/v1/reservations/{id}/release", post(release))
+        .route("/v1/usage/{*subject}", get(usage))
+        .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/{id}", delete(revoke_key))
+        .route("/v1/mesh/agents/{*rest}", get(mesh_get).put(mesh_put))
+        .route("/v1/intents", post(intent))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// A response built as parts, so an idempotent answer can be stored and replayed.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(status: StatusCode, value: &Value) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: serde_json::to_vec(value).unwrap_or_default(),
+        }
+    }
+
+    fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> Reply {
+        self.headers
+            .extend(headers.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        self
+    }
+
+    fn into_response(self) -> Response {
+        let mut r = (self.status, self.body).into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (k, v) in self.headers {
+            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+                h.insert(k, v);
+            }
+        }
+        r
+    }
+}
+
+fn stored_reply(s: &Stored) -> Response {
+    let mut reply = Reply {
+        status: StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK),
+        headers: s.headers.clone(),
+        body: s.body.clone(),
+    };
+    reply
+        .headers
+        .push(("idempotent-replayed".into(), "true".into()));
+    reply.into_response()
+}
+
+fn result(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Percent-decode a path part.
+fn percent_decode(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| ApiError::bad_request("bad percent-encoding in the path"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ApiError::bad_request("the path is not UTF-8"))
+}
+
+/// The subject after `prefix` in the raw path: raw (`agent://o/e/n`) or percent-encoded.
+fn path_subject(uri: &Uri, prefix: &str) -> Result<Subject, ApiError> {
+    let raw = uri.path().strip_prefix(prefix).unwrap_or("");
+    let text = percent_decode(raw)?;
+    Subject::parse(&text).map_err(|e| ApiError::invalid("subject", e.to_string()))
+}
+
+async fn healthz() -> Response {
+    json::reply(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+async fn metrics(State(st): St) -> Response {
+    let stats = &st.ledger.stats;
+    let g = Gauges {
+        outstanding: st.limiter.outstanding() as u64,
+        ledger_pending: stats.pending.load(Ordering::Relaxed),
+        ledger_written: stats.written.load(Ordering::Relaxed),
+        ledger_failures: stats.failures.load(Ordering::Relaxed),
+        ledger_lag_s: stats.last_lag_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        policies: st
+            .policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len() as u64,
+        keys: st.keys.list().len() as u64,
+        subjects: st.limiter.store().subjects() as u64,
+        idempotency: st.idempotency.len() as u64,
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        st.metrics.render(&g),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    ApiError::not_found(format!("no route for {}", uri.path())).into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .into_response()
+}
+
+// ---------------------------------------------------------------- policies
+
+fn stored_json(subject: &str, p: &StoredPolicy) -> Value {
+    policy_json(subject, &p.body, &p.policy, p.updated_ns)
+}
+
+/// Check, store, then put in force; answers (created?, stored policy).
+async fn set_policy(
+    st: &AppState,
+    subject: &Subject,
+    body: PolicyBody,
+) -> Result<(bool, StoredPolicy), ApiError> {
+    let (policy, action) = body.to_policy()?;
+    let text =
+        serde_json::to_string(&body).map_err(|e| ApiError::internal("encoding a policy", e))?;
+    let _write = st.policy_write.lock().await;
+    let now = st.now().as_nanos();
+    st.db
+        .put_policy(subject.as_str(), &text, now)
+        .await
+        .map_err(|e| ApiError::internal("storing a policy", e))?;
+    let stored = StoredPolicy {
+        body,
+        action,
+        policy: Arc::new(policy.clone()),
+        updated_ns: now,
+    };
+    st.limiter.set_policy(subject, policy);
+    let old = st
+        .policies
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(subject.as_str().to_owned(), stored.clone());
+    Ok((old.is_none(), stored))
+}
+
+async fn put_policy(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let subject = path_subject(&uri, "/v1/policies/")?;
+            let (policy, _) = json::read::<PolicyBody>(&headers, body).await?;
+            let (created, stored) = set_policy(&st, &subject, policy).await?;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(json::reply(status, &stored_json(subject.as_str(), &stored)))
+        }
+        .await,
+    )
+}
+
+async fn get_policy(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result((|| {
+        st.keys.authenticate(&headers)?.require_admin()?;
+        let subject = path_subject(&uri, "/v1/policies/")?;
+        let policies = st
+            .policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let p = policies
+            .get(subject.as_str())
+            .ok_or_else(|| ApiError::not_found(format!("no policy for {subject}")))?;
+        Ok(json::reply(
+            StatusCode::OK,
+            &stored_json(subject.as_str(), p),
+        ))
+    })())
+}
+
+async fn delete_policy(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let subject = path_subject(&uri, "/v1/policies/")?;
+            let _write = st.policy_write.lock().await;
+            let existed = st
+                .db
+                .delete_policy(subject.as_str())
+                .await
+                .map_err(|e| ApiError::internal("deleting a policy", e))?;
+            st.limiter.remove_policy(&subject);
+            st.policies
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(subject.as_str());
+            if existed {
+                Ok(StatusCode::NO_CONTENT.into_response())
+            } else {
+                Err(ApiError::not_found(format!("no policy for {subject}")))
+            }
+        }
+        .await,
+    )
+}
+
+async fn list_policies(State(st): St, headers: HeaderMap) -> Response {
+    result((|| {
+        st.keys.authenticate(&headers)?.require_admin()?;
+        let policies = st
+            .policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list: Vec<Value> = policies.iter().map(|(s, p)| stored_json(s, p)).collect();
+        Ok(json::reply(StatusCode::OK, &json!({ "policies": list })))
+    })())
+}
+
+// ---------------------------------------------------------------- decisions
+
+/// The subjects a caller decides for: an agent key always counts against its
+/// own subject, and may not name another agent or key subject.
+fn scope_subjects(caller: &Caller, mut subjects: Vec<Subject>) -> Result<Vec<Subject>, ApiError> {
+    if let Caller::Agent(k) = caller {
+        for (i, s) in subjects.iter().enumerate() {
+            if matches!(s.kind(), SubjectKind::Agent | SubjectKind::Key) && *s != k.subject {
+                caller.require_subject(s, &format!("subjects[{i}]"))?;
+            }
+        }
+        if !subjects.contains(&k.subject) {
+            subjects.push(k.subject.clone());
+        }
+    }
+    Ok(subjects)
+}
+
+fn amounts_or_one(a: Option<&AmountsBody>) -> Result<Amounts, ApiError> {
+    match a {
+        Some(a) => a.to_amounts("amounts"),
+        None => Ok(Amounts::one_request()),
+    }
+}
+
+fn window_name(w: Window) -> String {
+    w.to_string()
+}
+
+/// A refusal: 429 with the exact wait, or 422 when no wait can help.
+fn denial_error(d: &Denial, subjects: &[Subject]) -> (ApiError, Outcome) {
+    let subject = subjects.get(d.subject).map(Subject::as_str).unwrap_or("");
+    let (mut e, outcome) = match d.reason {
+        DenialReason::RetryAfter(wait) => {
+            let secs = ratelimit::ceil_secs(wait);
+            (
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "{subject} reached its {} limit of {} per {}; retry in {secs}s",
+                        d.metric.name(),
+                        metric_value(d.metric, d.limit),
+                        window_name(d.window)
+                    ),
+                )
+                .with("retry_after_s", Value::from(secs))
+                .with("retry_after_ms", Value::from(wait.as_millis().max(1) as u64)),
+                Outcome::Denied,
+            )
+        }
+        DenialReason::NeverFits {
+            requested,
+            capacity,
+        } => (
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "exceeds_limit",
+                format!(
+                    "the request asks for {} {} but {subject}'s limit can never give more than {} at once; waiting will not help",
+                    metric_value(d.metric, requested),
+                    d.metric.name(),
+                    metric_value(d.metric, capacity)
+                ),
+            )
+            .with("requested", metric_value(d.metric, requested))
+            .with("capacity", metric_value(d.metric, capacity)),
+            Outcome::NeverFits,
+        ),
+    };
+    e = e
+        .with("subject", Value::from(subject))
+        .with("metric", Value::from(d.metric.name()))
+        .with("window", Value::from(window_name(d.window)))
+        .with("limit", metric_value(d.metric, d.limit));
+    for (k, v) in ratelimit::denied(d) {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            e.headers.push((k, v));
+        }
+    }
+    (e, outcome)
+}
+
+fn statuses_json(statuses: &[LimitStatus], subjects: &[Subject], now: Timestamp) -> Vec<Value> {
+    statuses
+        .iter()
+        .map(|s| status_json(s, subjects, now))
+        .collect()
+}
+
+/// Run a decision under the request's `Idempotency-Key` (if any): a replay
+/// answers the stored reply; otherwise `decide` runs, its rows are queued
+/// (with the stored reply, in one transaction) and its reply returned.
+async fn idempotent<F, Fut>(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    headers: &HeaderMap,
+    route: &str,
+    bytes: &[u8],
+    decide: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(Reply, Vec<LedgerRow>), ApiError>>,
+{
+    let Some(key) = idempotency::key_of(headers)? else {
+        let (reply, rows) = decide().await?;
+        if !rows.is_empty() {
+            st.ledger.record(rows, None).await;
+        }
+        return Ok(reply.into_response());
+    };
+    let scope = format!("{}\n{route}\n{key}", caller.id());
+    let fp = idempotency::fingerprint(bytes);
+    let guard = match st.idempotency.begin(scope, fp, st.now().as_nanos()).await? {
+        Begin::Replay(stored) => return Ok(stored_reply(&stored)),
+        Begin::Fresh(guard) => guard,
+    };
+    let (reply, rows) = decide().await?;
+    if reply.status.is_success() {
+        let stored = Stored {
+            status: reply.status.as_u16(),
+            headers: reply.headers.clone(),
+            body: reply.body.clone(),
+            fingerprint: guard.fingerprint.clone(),
+            created_ns: st.now().as_nanos(),
+        };
+        let row = IdemRow {
+            scope: guard.scope.clone(),
+            created_ns: stored.created_ns,
+            fingerprint: stored.fingerprint.clone(),
+            status: stored.status,
+            headers: serde_json::to_string(&stored.headers).unwrap_or_else(|_| "[]".into()),
+            body: stored.body.clone(),
+        };
+        st.ledger.record(rows, Some(row)).await;
+        guard.complete(Some(stored));
+    } else {
+        if !rows.is_empty() {
+            st.ledger.record(rows, None).await;
+        }
+        guard.complete(None);
+    }
+    Ok(reply.into_response())
+}
+
+fn subject_strings(subjects: &[Subject]) -> Vec<String> {
+    subjects.iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+fn trace_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-trace-id")
+        .or_else(|| headers.get("x-request-id"))
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(128).collect())
+}
+
+/// Count a decision's outcome and latency.
+fn observe(st: &AppState, endpoint: Endpoint, started: Timestamp, r: &Result<Response, ApiError>) {
+    let outcome = match r {
+        Ok(resp) if resp.status().is_success() => Outcome::Allowed,
+        Ok(_) => Outcome::Error,
+        Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS => Outcome::Denied,
+        Err(e) if e.kind == "exceeds_limit" => Outcome::NeverFits,
+        Err(_) => Outcome::Error,
+    };
+    let latency = st.now().as_nanos().saturating_sub(started.as_nanos());
+    st.metrics.record(endpoint, outcome, latency);
+}
+
+async fn check(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    let started = st.now();
+    let r = async {
+        let caller = st.keys.authenticate(&headers)?;
+        let (req, bytes) = json::read::<CheckBody>(&headers, body).await?;
+        let subjects = scope_subjects(&caller, parse_subjects(&req.subjects, "subjects")?)?;
+        let amounts = amounts_or_one(req.amounts.as_ref())?;
+        let st2 = Arc::clone(&st);
+        let (who, trace) = (caller.id().to_owned(), trace_id(&headers));
+        idempotent(&st, &caller, &headers, "check", &bytes, || async move {
+            let request = Request::new(subjects.iter().cloned(), amounts);
+            let now = st2.now();
+            match st2.limiter.check(&request) {
+                Decision::Allowed(statuses) => {
+                    let body = json!({
+                        "allowed": true,
+                        "limits": statuses_json(&statuses, &subjects, now),
+                    });
+                    let row = LedgerRow {
+                        ts_ns: now.as_nanos(),
+                        kind: RowKind::Check,
+                        reservation: None,
+                        subjects: subject_strings(&subjects),
+                        amounts,
+                        held: None,
+                        reserved_ns: None,
+                        caller: who.clone(),
+                        request_id: trace.clone(),
+                        detail: None,
+                    };
+                    Ok((
+                        Reply::json(StatusCode::OK, &body)
+                            .with_headers(ratelimit::allowed(&statuses, now)),
+                        vec![row],
+                    ))
+                }
+                Decision::Denied(d) => Err(denial_error(&d, &subjects).0),
+            }
+        })
+        .await
+    }
+    .await;
+    observe(&st, Endpoint::Check, started, &r);
+    result(r)
+}
+
+async fn reserve(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    let started = st.now();
+    let r = async {
+        let caller = st.keys.authenticate(&headers)?;
+        let (req, bytes) = json::read::<ReserveBody>(&headers, body).await?;
+        let subjects = scope_subjects(&caller, parse_subjects(&req.subjects, "subjects")?)?;
+        let amounts = amounts_or_one(req.amounts.as_ref())?;
+        let max = st.config.max_lease;
+        let lease = match req.lease_s {
+            None => None,
+            Some(s) if s.is_finite() && s > 0.0 && s <= max.as_secs_f64() => {
+                Some(std::time::Duration::from_secs_f64(s))
+            }
+            Some(s) => {
+                return Err(ApiError::invalid(
+                    "lease_s",
+                    format!(
+                        "must be above 0 and at most {} seconds (max_lease_s), got {s}",
+                        max.as_secs_f64()
+                    ),
+                ));
+            }
+        };
+        let st2 = Arc::clone(&st);
+        let (who, trace) = (caller.id().to_owned(), trace_id(&headers));
+        idempotent(&st, &caller, &headers, "reserve", &bytes, || async move {
+            let request = Request::new(subjects.iter().cloned(), amounts);
+            let now = st2.now();
+            match st2.limiter.reserve(&request, lease) {
+                Ok(r) => {
+                    let public = st2.reservations.public_id(r.id);
+                    st2.reservations.insert(
+                        r.id,
+                        Meta {
+                            caller: who.clone(),
+                            subjects: subject_strings(&subjects),
+                            held: amounts,
+                            reserved_ns: now.as_nanos(),
+                        },
+                    );
+                    let body = json!({
+                        "reservation_id": public,
+                        "expires_at": rfc3339(r.expires_at.as_nanos()),
+                        "held": amounts_json(&amounts),
+                        "limits": statuses_json(&r.limits, &subjects, now),
+                    });
+                    let row = LedgerRow {
+                        ts_ns: now.as_nanos(),
+                        kind: RowKind::Reserve,
+                        reservation: Some(public),
+                        subjects: subject_strings(&subjects),
+                        amounts,
+                        held: None,
+                        reserved_ns: None,
+                        caller: who.clone(),
+                        request_id: trace.clone(),
+                        detail: None,
+                    };
+                    Ok((
+                        Reply::json(StatusCode::OK, &body)
+                            .with_headers(ratelimit::allowed(&r.limits, now)),
+                        vec![row],
+                    ))
+                }
+                Err(d) => Err(denial_error(&d, &subjects).0),
+            }
+        })
+        .await
+    }
+    .await;
+    observe(&st, Endpoint::Reserve, started, &r);
+    result(r)
+}
+
+fn expired_error(public: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "reservation_expired",
+        format!("reservation {public} is settled: its lease ran out (or the server restarted) and it was counted at its held amounts"),
+    )
+    .field("reservation_id")
+}
+
+/// Settle a reservation: commit with `Some(actual)`, release with `None`.
+async fn settle(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    public: &str,
+    actual: Option<Amounts>,
+) -> Result<Response, ApiError> {
+    let unknown = || {
+        ApiError::not_found(format!(
+            "unknown reservation {public:?}: never issued, or already committed or released"
+        ))
+        .field("reservation_id")
+    };
+    let id = match st.reservations.parse(public) {
+        Some(Parsed::Current(id)) => id,
+        Some(Parsed::Other) if st.reservations.was_expired(public) => {
+            return Err(expired_error(public));
+        }
+        _ => return Err(unknown()),
+    };
+    match st.reservations.caller(id) {
+        None if st.reservations.was_expired(public) => return Err(expired_error(public)),
+        None => return Err(unknown()),
+        Some(owner) if owner != caller.id() && !matches!(caller, Caller::Admin) => {
+            return Err(ApiError::forbidden(format!(
+                "reservation {public} belongs to another key"
+            ))
+            .field("reservation_id"));
+        }
+        Some(_) => {}
+    }
+    let Some(meta) = st.reservations.take(id) else {
+        return Err(if st.reservations.was_expired(public) {
+            expired_error(public)
+        } else {
+            unknown()
+        });
+    };
+    let now = st.now().as_nanos();
+    let mut row = LedgerRow {
+        ts_ns: now,
+        kind: RowKind::Release,
+        reservation: Some(public.to_owned()),
+        subjects: meta.subjects.clone(),
+        amounts: Amounts::ZERO,
+        held: Some(meta.held),
+        reserved_ns: Some(meta.reserved_ns),
+        caller: meta.caller.clone(),
+        request_id: None,
+        detail: None,
+    };
+    let outcome = match actual {
+        Some(a) => st.limiter.commit(id, &a).map(Some),
+        None => st.limiter.release(id).map(|()| None),
+    };
+    match outcome {
+        Ok(settlement) => {
+            let mut body = json!({ "reservation_id": public });
+            if let Some(a) = actual {
+                row.kind = RowKind::Commit;
+                row.amounts = a;
+                let overshoot: Vec<Value> = settlement
+                    .map(|s| {
+                        s.overshoot
+                            .iter()
+                            .map(|o| {
+                                json!({
+                                    "subject": o.subject.as_str(),
+                                    "metric": o.metric.name(),
+                                    "window": o.window.to_string(),
+                                    "limit": metric_value(o.metric, o.limit),
+                                    "used": metric_value(o.metric, o.used),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !overshoot.is_empty() {
+                    row.detail = Some(json!({ "overshoot": overshoot }).to_string());
+                }
+                body["status"] = Value::from("committed");
+                body["committed"] = amounts_json(&a);
+                body["overshoot"] = Value::from(overshoot);
+            } else {
+                body["status"] = Value::from("released");
+            }
+            st.ledger.record(vec![row], None).await;
+            Ok(json::reply(StatusCode::OK, &body))
+        }
+        Err(ReservationError::Expired(_)) | Err(ReservationError::Unknown(_)) => {
+            // The lease ran out: counted at its held amounts; we record that.
+            st.reservations.mark_expired(public.to_owned());
+            row.kind = RowKind::Expire;
+            row.amounts = meta.held;
+            st.ledger.record(vec![row], None).await;
+            Err(expired_error(public))
+        }
+    }
+}
+
+async fn commit(State(st): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+    let started = st.now();
+    let r = async {
+        let caller = st.keys.authenticate(&headers)?;
+        let (req, _) = json::read::<CommitBody>(&headers, body).await?;
+        let actual = req.amounts.to_amounts("amounts")?;
+        settle(&st, &caller, &id, Some(actual)).await
+    }
+    .await;
+    observe(&st, Endpoint::Commit, started, &r);
+    result(r)
+}
+
+async fn release(
+    State(st): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    let started = st.now();
+    let r = async {
+        let caller = st.keys.authenticate(&headers)?;
+        let bytes = json::read_body(&headers, body).await?;
+        if !bytes.iter().all(u8::is_ascii_whitespace) {
+            let _: Map<String, Value> = json::parse(&bytes)?;
+        }
+        settle(&st, &caller, &id, None).await
+    }
+    .await;
+    observe(&st, Endpoint::Release, started, &r);
+    result(r)
+}
+
+// ---------------------------------------------------------------- usage
+
+async fn spend_json(st: &AppState, subject: &Subject) -> Result<Value, ApiError> {
+    let now = st.now().as_nanos();
+    let today = crate::db::utc_day(now);
+    let month_start = format!("{}-01", &today[..7]);
+    let get = |from: Option<String>, to: Option<String>| async move {
+        st.db
+            .spend(subject.as_str(), from.as_deref(), to.as_deref())
+            .await
+            .map(|s| amounts_json(&s.amounts))
+            .map_err(|e| ApiError::internal("reading spend", e))
+    };
+    Ok(json!({
+        "today": get(Some(today.clone()), Some(today.clone())).await?,
+        "month": get(Some(month_start), Some(today)).await?,
+        "total": get(None, None).await?,
+        "basis": "UTC days, from the ledger (written within milliseconds of each decision)",
+    }))
+}
+
+async fn usage(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result(
+        async {
+            let caller = st.keys.authenticate(&headers)?;
+            let subject = path_subject(&uri, "/v1/usage/")?;
+            caller.require_subject(&subject, "subject")?;
+            let now = st.now();
+            let statuses = st.limiter.usage(&subject);
+            let policy = {
+                let policies = st
+                    .policies
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if policies.contains_key(subject.as_str()) {
+                    Some(subject.as_str().to_owned())
+                } else {
+                    let tier = Subject::wildcard(subject.kind());
+                    policies
+                        .contains_key(tier.as_str())
+                        .then(|| tier.as_str().to_owned())
+                }
+            };
+            let subjects = [subject.clone()];
+            Ok(json::reply(
+                StatusCode::OK,
+                &json!({
+                    "subject": subject.as_str(),
+                    "policy": policy,
+                    "limits": statuses_json(&statuses, &subjects, now),
+                    "spend": spend_json(&st, &subject).await?,
+                }),
+            ))
+        }
+        .await,
+    )
+}
+
+// ---------------------------------------------------------------- keys
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    subject: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn key_json(k: &AgentKey) -> Value {
+    json!({
+        "id": k.id,
+        "subject": k.subject.as_str(),
+        "name": k.name,
+        "prefix": k.prefix,
+        "created_at": rfc3339(k.created_ns),
+    })
+}
+
+async fn create_key(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let (req, _) = json::read::<KeyBody>(&headers, body).await?;
+            let subject = Subject::parse(&req.subject)
+                .map_err(|e| ApiError::invalid("subject", e.to_string()))?;
+            if subject.is_wildcard() {
+                return Err(ApiError::invalid(
+                    "subject",
+                    "a key acts for one subject, not a `kind:*` tier",
+                ));
+            }
+            let name = req.name.unwrap_or_default();
+            if name.chars().count() > 128 || name.chars().any(char::is_control) {
+                return Err(ApiError::invalid(
+                    "name",
+                    "must be at most 128 characters, without control characters",
+                ));
+            }
+            let key = generate_key();
+            let row = KeyRow {
+                id: format!("key_{}", random_hex(8)),
+                hash: hex(&hash_key(&key)),
+                subject: subject.as_str().to_owned(),
+                name,
+                prefix: key
+                    .chars()
+                    .take(crate::auth::KEY_PREFIX.len() + 6)
+                    .collect(),
+                created_ns: st.now().as_nanos(),
+            };
+            st.db
+                .insert_key(&row)
+                .await
+                .map_err(|e| ApiError::internal("storing a key", e))?;
+            let agent = AgentKey {
+                id: row.id.clone(),
+                subject,
+                name: row.name.clone(),
+                prefix: row.prefix.clone(),
+                created_ns: row.created_ns,
+            };
+            let mut body = key_json(&agent);
+            body["key"] = Value::from(key);
+            st.keys.insert(&row.hash, agent);
+            Ok(json::reply(StatusCode::CREATED, &body))
+        }
+        .await,
+    )
+}
+
+async fn list_keys(State(st): St, headers: HeaderMap) -> Response {
+    result((|| {
+        st.keys.authenticate(&headers)?.require_admin()?;
+        let keys: Vec<Value> = st.keys.list().iter().map(|k| key_json(k)).collect();
+        Ok(json::reply(StatusCode::OK, &json!({ "keys": keys })))
+    })())
+}
+
+async fn revoke_key(State(st): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let revoked = st
+                .db
+                .revoke_key(&id, st.now().as_nanos())
+                .await
+                .map_err(|e| ApiError::internal("revoking a key", e))?;
+            st.keys.remove(&id);
+            if revoked {
+                Ok(StatusCode::NO_CONTENT.into_response())
+            } else {
+                Err(ApiError::not_found(format!("no live key {id:?}")).field("id"))
+            }
+        }
+        .await,
+    )
+}
+
+// ---------------------------------------------------------------- AXME-compatible
+
+/// `PUT /v1/mesh/agents/{address}/policies/cost`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CostPolicyBody {
+    #[serde(default)]
+    max_intents_per_hour: Option<u64>,
+    #[serde(default)]
+    max_intents_per_day: Option<u64>,
+    #[serde(default)]
+    max_cost_per_day_usd: Option<serde_json::Number>,
+    #[serde(default)]
+    action_on_breach: Option<String>,
+    #[serde(default)]
+    timezone: Option<String>,
+}
+
+const HOUR: Window = Window::Rolling(3_600_000_000_000);
+const DAY: Window = Window::Calendar(sluice_core::CalendarUnit::Day);
+
+/// Which AXME field a native limit stands for.
+fn axme_field(metric: &str, window: &str) -> Option<&'static str> {
+    let window: Window = window.parse().ok()?;
+    match (metric, window) {
+        ("requests", w) if w == HOUR => Some("max_intents_per_hour"),
+        ("requests", w) if w == DAY => Some("max_intents_per_day"),
+        ("cost_usd", w) if w == DAY => Some("max_cost_per_day_usd"),
+        _ => None,
+    }
+}
+
+fn mesh_address(uri: &Uri) -> Result<(Subject, String), ApiError> {
+    let raw = uri.path().strip_prefix("/v1/mesh/agents/").unwrap_or("");
+    let decoded = percent_decode(raw)?;
+    let (address, rest) = match decoded.find("/policies/") {
+        Some(i) => (&decoded[..i], decoded[i..].to_owned()),
+        None => match decoded.rsplit_once('/') {
+            Some((a, r)) if !a.is_empty() && a.contains("://") => (a, format!("/{r}")),
+            _ => (decoded.as_str(), String::new()),
+        },
+    };
+    let subject =
+        Subject::parse(address).map_err(|e| ApiError::invalid("address", e.to_string()))?;
+    if subject.kind() != SubjectKind::Agent {
+        return Err(ApiError::invalid(
+            "address",
+            format!("expected an agent address agent://org/env/name, got {address:?}"),
+        ));
+    }
+    Ok((subject, rest))
+}
+
+fn cost_policy_json(st: &AppState, subject: &Subject) -> Value {
+    let mut out = json!({
+        "address": subject.as_str(),
+        "max_intents_per_hour": null,
+        "max_intents_per_day": null,
+        "max_cost_per_day_usd": null,
+        "action_on_breach": "block",
+    });
+    if let Some(p) = st
+        .policies
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(subject.as_str())
+    {
+        out["action_on_breach"] = Value::from(p.action.name());
+        for l in p.policy.limits() {
+            if let Some(f) = axme_field(l.metric().name(), &l.window().to_string()) {
+                out[f] = metric_value(l.metric(), l.limit());
+            }
+        }
+    }
+    let mut usage = json!({"intents_per_hour": 0, "intents_per_day": 0, "cost_per_day_usd": 0.0});
+    for s in st.limiter.usage(subject) {
+        match axme_field(s.metric.name(), &s.window.to_string()) {
+            Some("max_intents_per_hour") => usage["intents_per_hour"] = Value::from(s.used),
+            Some("max_intents_per_day") => usage["intents_per_day"] = Value::from(s.used),
+            Some("max_cost_per_day_usd") => {
+                usage["cost_per_day_usd"] = Value::from(micros_to_usd(s.used));
+            }
+            _ => {}
+        }
+    }
+    out["usage"] = usage;
+    out
+}
+
+async fn mesh_get(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result((|| {
+        let caller = st.keys.authenticate(&headers)?;
+        let (subject, rest) = mesh_address(&uri)?;
+        if rest != "/policies/cost" {
+            return Err(ApiError::not_found(format!("no route for {}", uri.path())));
+        }
+        caller.require_subject(&subject, "address")?;
+        Ok(json::reply(
+            StatusCode::OK,
+            &cost_policy_json(&st, &subject),
+        ))
+    })())
+}
+
+async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let (subject, rest) = mesh_address(&uri)?;
+            if rest != "/policies/cost" {
+                return Err(ApiError::not_found(format!("no route for {}", uri.path())));
+            }
+            let (req, _) = json::read::<CostPolicyBody>(&headers, body).await?;
+            if req.max_intents_per_hour.is_none()
+                && req.max_intents_per_day.is_none()
+                && req.max_cost_per_day_usd.is_none()
+            {
+                return Err(ApiError::invalid(
+                    "max_intents_per_hour",
+                    "set at least one of max_intents_per_hour, max_intents_per_day, max_cost_per_day_usd",
+                ));
+            }
+            // Keep the agent's other native limits; replace the three AXME ones.
+            let existing = st
+                .policies
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(subject.as_str())
+                .map(|p| p.body.clone());
+            let mut limits: Vec<LimitBody> = existing
+                .as_ref()
+                .map(|b| {
+                    b.limits
+                        .iter()
+                        .filter(|l| axme_field(&l.metric, &l.window).is_none())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let int = |v: u64| serde_json::Number::from(v);
+            for (metric, limit, window) in [
+                ("requests", req.max_intents_per_hour.map(int), "1h"),
+                ("requests", req.max_intents_per_day.map(int), "day"),
+                ("cost_usd", req.max_cost_per_day_usd.clone(), "day"),
+            ] {
+                if let Some(limit) = limit {
+                    limits.push(LimitBody {
+                        metric: metric.into(),
+                        limit,
+                        window: window.into(),
+                        algorithm: None,
+                        burst: None,
+                        buckets: None,
+                    });
+                }
+            }
+            let body = PolicyBody {
+                limits,
+                timezone: req
+                    .timezone
+                    .or_else(|| existing.as_ref().and_then(|b| b.timezone.clone())),
+                action_on_breach: Some(req.action_on_breach.unwrap_or_else(|| "block".into())),
+            };
+            // Name AXME fields in errors rather than the native ones.
+            let mapped = |e: ApiError| match e.field.as_deref() {
+                Some(f) if f.starts_with("limits[") => {
+                    let field = body
+                        .limits
+                        .get(f[7..].split(']').next().and_then(|i| i.parse::<usize>().ok()).unwrap_or(usize::MAX))
+                        .and_then(|l| axme_field(&l.metric, &l.window))
+                        .unwrap_or("limits");
+                    ApiError::invalid(field, e.message)
+                }
+                _ => e,
+            };
+            body.to_policy().map_err(mapped)?;
+            let (created, _) = set_policy(&st, &subject, body).await?;
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(json::reply(status, &cost_policy_json(&st, &subject)))
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/intents`: extra fields (`correlation_id`, ...) are accepted and kept out of the way.
+#[derive(Debug, Deserialize)]
+struct IntentBody {
+    intent_type: Option<Value>,
+    to_agent: Option<Value>,
+    #[serde(default)]
+    cost_usd: Option<f64>,
+    #[serde(default)]
+    correlation_id: Option<Value>,
+}
+
+async fn intent(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    let started = st.now();
+    let r = async {
+        let caller = st.keys.authenticate(&headers)?;
+        let (req, bytes) = json::read::<IntentBody>(&headers, body).await?;
+        let intent_type = match &req.intent_type {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
+            Some(Value::String(_)) => {
+                return Err(ApiError::invalid(
+                    "intent_type",
+                    "must be 1 to 256 characters",
+                ));
+            }
+            Some(_) => {
+                return Err(
+                    ApiError::bad_request("intent_type must be a string").field("intent_type")
+                );
+            }
+            None => {
+                return Err(
+                    ApiError::bad_request("missing field `intent_type`").field("intent_type")
+                );
+            }
+        };
+        let to = match &req.to_agent {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(ApiError::bad_request("to_agent must be a string").field("to_agent"));
+            }
+            None => return Err(ApiError::bad_request("missing field `to_agent`").field("to_agent")),
+        };
+        let to_agent =
+            Subject::parse(&to).map_err(|e| ApiError::invalid("to_agent", e.to_string()))?;
+        if to_agent.kind() != SubjectKind::Agent {
+            return Err(ApiError::invalid(
+                "to_agent",
+                format!("expected an agent address agent://org/env/name, got {to:?}"),
+            ));
+        }
+        let amounts = AmountsBody {
+            requests: Some(1),
+            cost_usd: req.cost_usd,
+            ..AmountsBody::default()
+        }
+        .to_amounts("")
+        .map_err(|e| ApiError::invalid("cost_usd", e.message))?;
+        // The receiving agent's limits apply, and the sender's own if it is an agent key.
+        let mut subjects = vec![to_agent];
+        if let Caller::Agent(k) = &caller {
+            if !subjects.contains(&k.subject) {
+                subjects.push(k.subject.clone());
+            }
+        }
+        let correlation = req.correlation_id.clone();
+        let st2 = Arc::clone(&st);
+        let (who, trace) = (caller.id().to_owned(), trace_id(&headers));
+        idempotent(&st, &caller, &headers, "intents", &bytes, || async move {
+            let request = Request::new(subjects.iter().cloned(), amounts);
+            let now = st2.now();
+            match st2.limiter.check(&request) {
+                Decision::Allowed(statuses) => {
+                    let n = st2.intents.fetch_add(1, Ordering::Relaxed);
+                    let intent_id = format!("int_{}_{n}", st2.reservations.boot());
+                    let body = json!({
+                        "intent_id": intent_id,
+                        "status": "accepted",
+                        "intent_type": intent_type,
+                        "to_agent": subjects[0].as_str(),
+                        "limits": statuses_json(&statuses, &subjects, now),
+                    });
+                    let row = LedgerRow {
+                        ts_ns: now.as_nanos(),
+                        kind: RowKind::Intent,
+                        reservation: None,
+                        subjects: subject_strings(&subjects),
+                        amounts,
+                        held: None,
+                        reserved_ns: None,
+                        caller: who.clone(),
+                        request_id: Some(intent_id),
+                        detail: Some(
+                            json!({
+                                "intent_type": intent_type,
+                                "correlation_id": correlation,
+                                "trace_id": trace,
+                            })
+                            .to_string(),
+                        ),
+                    };
+                    Ok((
+                        Reply::json(StatusCode::OK, &body)
+                            .with_headers(ratelimit::allowed(&statuses, now)),
+                        vec![row],
+                    ))
+                }
+                Decision::Denied(d) => Err(denial_error(&d, &subjects).0),
+            }
+        })
+        .await
+    }
+    .await;
+    observe(&st, Endpoint::Intent, started, &r);
+    result(r)
+}

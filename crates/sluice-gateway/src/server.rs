@@ -1,0 +1,516 @@
+//! Start-up (data directory, admin key, database, policies, ledger replay),
+//! background tasks (lease expiry, pruning) and serving with graceful shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sluice_core::{
+    Amounts, CalendarUnit, Clock, Limiter, LimiterConfig, MemoryStore, Metric, Request, Subject,
+    Timestamp, Window,
+};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::auth::{AgentKey, Keys, generate_key};
+use crate::config::Config;
+use crate::db::{Db, DbError, LedgerRow, RowKind};
+use crate::idempotency::Idempotency;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::reservations::{Parsed, Reservations};
+use crate::wire::{Action, PolicyBody};
+
+/// A shared clock (the system clock in service, a manual one in tests).
+#[derive(Clone)]
+pub struct SharedClock(pub Arc<dyn Clock>);
+
+impl std::fmt::Debug for SharedClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedClock")
+    }
+}
+
+impl Clock for SharedClock {
+    fn now(&self) -> Timestamp {
+        self.0.now()
+    }
+}
+
+/// The engine as the gateway runs it.
+pub type GatewayLimiter = Limiter<SharedClock, MemoryStore>;
+
+/// A policy as stored, beside the engine's checked copy.
+#[derive(Debug, Clone)]
+pub struct StoredPolicy {
+    /// As written (normalised).
+    pub body: PolicyBody,
+    /// Its action on breach.
+    pub action: Action,
+    /// The checked policy.
+    pub policy: Arc<sluice_core::Policy>,
+    /// Last change, ns.
+    pub updated_ns: u64,
+}
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct AppState {
+    /// The engine.
+    pub limiter: GatewayLimiter,
+    /// Time.
+    pub clock: SharedClock,
+    /// The database.
+    pub db: Db,
+    /// The ledger writer.
+    pub ledger: Ledger,
+    /// Keys.
+    pub keys: Keys,
+    /// Policies by subject.
+    pub policies: RwLock<BTreeMap<String, StoredPolicy>>,
+    /// Serialises policy writes so the database and the engine agree.
+    pub policy_write: tokio::sync::Mutex<()>,
+    /// Reservations' metadata.
+    pub reservations: Reservations,
+    /// Idempotent answers.
+    pub idempotency: Arc<Idempotency>,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Configuration.
+    pub config: Config,
+    /// Intent id counter.
+    pub intents: AtomicU64,
+}
+
+impl AppState {
+    /// Now.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory or admin key file.
+    #[error("{0}")]
+    Io(String),
+    /// The database.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Where the admin key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminKeySource {
+    /// `SLUICE_ADMIN_KEY`.
+    Environment,
+    /// Read from this file.
+    File(PathBuf),
+    /// Generated now and written to this file.
+    Generated(PathBuf),
+}
+
+/// The admin key file in a data directory.
+pub fn admin_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.key")
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> StartError {
+    StartError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+fn admin_key(config: &Config) -> Result<(String, AdminKeySource), StartError> {
+    if let Some(k) = &config.admin_key {
+        return Ok((k.clone(), AdminKeySource::Environment));
+    }
+    let path = admin_key_path(&config.data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(k) if !k.trim().is_empty() => {
+            return Ok((k.trim().to_owned(), AdminKeySource::File(path)));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot read admin key", &path, e)),
+    }
+    let key = generate_key();
+    write_private(&path, &key).map_err(|e| io_err("cannot write admin key", &path, e))?;
+    Ok((key, AdminKeySource::Generated(path)))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, format!("{contents}\n"))
+}
+
+/// How far back the ledger must be replayed for a limit's window to be rebuilt.
+fn lookback(window: Window) -> Duration {
+    match window {
+        Window::Rolling(ns) => Duration::from_nanos(ns),
+        // Nominal period plus an hour for DST: rows older than the current
+        // period replay harmlessly (a fixed window resets at its boundary).
+        Window::Calendar(unit) => Duration::from_secs(
+            match unit {
+                CalendarUnit::Minute => 60,
+                CalendarUnit::Hour => 3_600,
+                CalendarUnit::Day => 86_400,
+                CalendarUnit::Week => 7 * 86_400,
+                CalendarUnit::Month => 31 * 86_400,
+            } + 3_600,
+        ),
+    }
+}
+
+/// What start-up found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Policies loaded.
+    pub policies: usize,
+    /// Ledger rows replayed.
+    pub rows: usize,
+    /// Reservations found unsettled and settled at their held amounts.
+    pub unsettled: usize,
+}
+
+/// A gateway, started and ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Shared state.
+    pub state: Arc<AppState>,
+    /// Where the admin key came from.
+    pub admin_key_source: AdminKeySource,
+    /// What start-up rebuilt.
+    pub recovery: Recovery,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Open the data directory and database, load policies and keys, replay
+    /// the ledger into the engine, start the ledger writer and background tasks.
+    pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, StartError> {
+        let clock = SharedClock(clock);
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| io_err("cannot create data directory", &config.data_dir, e))?;
+        let (key, admin_key_source) = admin_key(&config)?;
+        let db = Db::open(&config.data_dir, config.ledger_sync).await?;
+        let limiter = Limiter::new(
+            clock.clone(),
+            MemoryStore::new(),
+            LimiterConfig {
+                default_lease: config.default_lease,
+                max_lease: config.max_lease,
+            },
+        );
+        let keys = Keys::new(&key);
+        for k in db.keys().await? {
+            let Ok(subject) = Subject::parse(&k.subject) else {
+                tracing::warn!(
+                    "key {} has an unparseable subject {:?}; skipped",
+                    k.id,
+                    k.subject
+                );
+                continue;
+            };
+            keys.insert(
+                &k.hash,
+                AgentKey {
+                    id: k.id,
+                    subject,
+                    name: k.name,
+                    prefix: k.prefix,
+                    created_ns: k.created_ns,
+                },
+            );
+        }
+        let mut policies = BTreeMap::new();
+        for (subject, body, updated_ns) in db.policies().await? {
+            let parsed = Subject::parse(&subject).ok().zip(
+                serde_json::from_str::<PolicyBody>(&body)
+                    .ok()
+                    .and_then(|b| b.to_policy().ok().map(|p| (b, p))),
+            );
+            let Some((s, (body, (policy, action)))) = parsed else {
+                tracing::warn!("stored policy for {subject:?} no longer parses; skipped");
+                continue;
+            };
+            let checked = Arc::new(policy.clone());
+            limiter.set_policy(&s, policy);
+            let policy = checked;
+            policies.insert(
+                subject,
+                StoredPolicy {
+                    body,
+                    action,
+                    policy,
+                    updated_ns,
+                },
+            );
+        }
+        let ledger = Ledger::start(db.clone(), config.ledger_sync, clock.clone());
+        let idempotency = Arc::new(Idempotency::default());
+        let now = clock.now();
+        idempotency.load(
+            db.idempotency_since(
+                now.as_nanos()
+                    .saturating_sub(crate::idempotency::TTL.as_nanos() as u64),
+            )
+            .await?,
+        );
+        let state = Arc::new(AppState {
+            limiter,
+            clock,
+            db,
+            ledger,
+            keys,
+            policy_write: tokio::sync::Mutex::new(()),
+            reservations: Reservations::default(),
+            idempotency,
+            metrics: Metrics::default(),
+            intents: AtomicU64::new(1),
+            config,
+            policies: RwLock::new(policies),
+        });
+        let recovery = replay(&state).await?;
+        let tasks = vec![
+            tokio::spawn(expire_leases(Arc::clone(&state))),
+            tokio::spawn(prune(Arc::clone(&state))),
+        ];
+        Ok(Gateway {
+            state,
+            admin_key_source,
+            recovery,
+            tasks,
+        })
+    }
+
+    /// The HTTP routes.
+    pub fn router(&self) -> axum::Router {
+        crate::routes::router(Arc::clone(&self.state))
+    }
+
+    /// Serve on `listener` until `shutdown` resolves; then let in-flight
+    /// requests finish, stop background tasks and flush the ledger.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let router = self.router();
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        self.shutdown().await;
+        served
+    }
+
+    /// Stop background tasks and flush the ledger.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Settle what has expired so its rows are written before exit.
+        settle_expired(&self.state).await;
+        self.state.ledger.flush().await;
+        self.state.db.close().await;
+    }
+}
+
+fn parse_subjects(subjects: &[String]) -> Vec<Subject> {
+    subjects
+        .iter()
+        .filter_map(|s| Subject::parse(s).ok())
+        .collect()
+}
+
+fn saturating_sub(a: &Amounts, b: &Amounts) -> Amounts {
+    let mut out = Amounts::ZERO;
+    for m in Metric::ALL {
+        out.set(m, a.get(m).saturating_sub(b.get(m)));
+    }
+    out
+}
+
+fn min(a: &Amounts, b: &Amounts) -> Amounts {
+    let mut out = Amounts::ZERO;
+    for m in Metric::ALL {
+        out.set(m, a.get(m).min(b.get(m)));
+    }
+    out
+}
+
+/// Rebuild window state from the ledger: every spend at its time; each
+/// settled reservation as what it kept at its reservation time plus any
+/// overshoot at its settle time; reservations never settled (the process died
+/// holding them) as spent at their held amounts, recorded as `restart` rows.
+async fn replay(state: &Arc<AppState>) -> Result<Recovery, StartError> {
+    let now = state.now();
+    let longest = {
+        let policies = state
+            .policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        policies
+            .values()
+            .flat_map(|p| p.policy.limits().iter().map(|l| lookback(l.window())))
+            .max()
+    };
+    let mut recovery = Recovery {
+        policies: state
+            .policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len(),
+        ..Recovery::default()
+    };
+    let since = match longest {
+        Some(d) => now.as_nanos().saturating_sub(d.as_nanos() as u64),
+        // No policy: nothing to rebuild, but unsettled reservations still need settling.
+        None => now
+            .as_nanos()
+            .saturating_sub(state.config.max_lease.as_nanos() as u64),
+    };
+    let rows = state.db.ledger_since(since).await?;
+    recovery.rows = rows.len();
+    let mut charges: Vec<(u64, Vec<Subject>, Amounts)> = Vec::with_capacity(rows.len());
+    let mut open: HashMap<String, LedgerRow> = HashMap::new();
+    for row in rows {
+        match row.kind {
+            RowKind::Check | RowKind::Intent => {
+                charges.push((row.ts_ns, parse_subjects(&row.subjects), row.amounts));
+            }
+            RowKind::Reserve => {
+                if let Some(id) = row.reservation.clone() {
+                    open.insert(id, row);
+                }
+            }
+            RowKind::Commit | RowKind::Release | RowKind::Expire | RowKind::Restart => {
+                if let Some(id) = &row.reservation {
+                    open.remove(id);
+                }
+                let held = row.held.unwrap_or(row.amounts);
+                let reserved = row.reserved_ns.unwrap_or(row.ts_ns);
+                let subjects = parse_subjects(&row.subjects);
+                charges.push((reserved, subjects.clone(), min(&held, &row.amounts)));
+                let over = saturating_sub(&row.amounts, &held);
+                if over != Amounts::ZERO {
+                    charges.push((row.ts_ns, subjects, over));
+                }
+            }
+        }
+    }
+    let mut restart_rows = Vec::new();
+    for (id, row) in open {
+        charges.push((row.ts_ns, parse_subjects(&row.subjects), row.amounts));
+        state.reservations.mark_expired(id.clone());
+        restart_rows.push(LedgerRow {
+            ts_ns: now.as_nanos(),
+            kind: RowKind::Restart,
+            reservation: Some(id),
+            subjects: row.subjects,
+            amounts: row.amounts,
+            held: Some(row.amounts),
+            reserved_ns: Some(row.ts_ns),
+            caller: row.caller,
+            request_id: row.request_id,
+            detail: None,
+        });
+    }
+    charges.sort_by_key(|c| c.0);
+    for (ts, subjects, amounts) in charges {
+        if amounts == Amounts::ZERO || subjects.is_empty() {
+            continue;
+        }
+        state
+            .limiter
+            .charge_at(&Request::new(subjects, amounts), Timestamp::from_nanos(ts));
+    }
+    recovery.unsettled = restart_rows.len();
+    if !restart_rows.is_empty() {
+        tracing::warn!(
+            "{} reservations were unsettled when the server stopped; settled at their held amounts",
+            restart_rows.len()
+        );
+        state.ledger.record(restart_rows, None).await;
+        state.ledger.flush().await;
+    }
+    Ok(recovery)
+}
+
+/// Settle leases that have run out, writing `expire` rows.
+pub async fn settle_expired(state: &Arc<AppState>) {
+    let expired = state.limiter.expire_leases();
+    if expired.is_empty() {
+        return;
+    }
+    let now = state.now().as_nanos();
+    let mut rows = Vec::new();
+    for e in expired {
+        let public = state.reservations.public_id(e.id);
+        // Mark first: a commit racing with us then answers 409, not 404.
+        state.reservations.mark_expired(public.clone());
+        let Some(meta) = state.reservations.take(e.id) else {
+            continue; // the commit path took it and records it
+        };
+        rows.push(LedgerRow {
+            ts_ns: now,
+            kind: RowKind::Expire,
+            reservation: Some(public),
+            subjects: meta.subjects,
+            amounts: meta.held,
+            held: Some(meta.held),
+            reserved_ns: Some(meta.reserved_ns),
+            caller: meta.caller,
+            request_id: None,
+            detail: None,
+        });
+    }
+    if !rows.is_empty() {
+        state.ledger.record(rows, None).await;
+    }
+}
+
+async fn expire_leases(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(state.config.lease_check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        settle_expired(&state).await;
+    }
+}
+
+async fn prune(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = state.now().as_nanos();
+        state.idempotency.prune(now);
+        let cutoff = now.saturating_sub(crate::idempotency::TTL.as_nanos() as u64);
+        if let Err(e) = state.db.prune_idempotency(cutoff).await {
+            tracing::warn!("pruning idempotency records: {e}");
+        }
+        state.limiter.sweep();
+    }
+}
+
+/// Parse a reservation id from the path, for settle handlers.
+pub fn parse_reservation(state: &AppState, public: &str) -> Option<Parsed> {
+    state.reservations.parse(public)
+}

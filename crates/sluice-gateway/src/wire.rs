@@ -1,0 +1,347 @@
+//! JSON shapes of the API and their conversion to and from the engine's types.
+//! Dollars are JSON numbers at the edge and integer micro-dollars inside.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value, json};
+use sluice_core::{
+    AlgorithmKind, Amounts, LimitDef, LimitStatus, MAX_LIMIT, Metric, Policy, PolicyDef, Subject,
+    Timestamp, micros_to_usd, usd_to_micros,
+};
+
+use crate::error::ApiError;
+
+/// Most subjects in one decision.
+pub const MAX_SUBJECTS: usize = 16;
+
+/// Amounts as a caller writes them; missing metrics are zero, and `tokens`
+/// defaults to `input_tokens + output_tokens`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmountsBody {
+    /// Requests.
+    pub requests: Option<u64>,
+    /// Tokens (input + output).
+    pub tokens: Option<u64>,
+    /// Input tokens.
+    pub input_tokens: Option<u64>,
+    /// Output tokens.
+    pub output_tokens: Option<u64>,
+    /// US dollars.
+    pub cost_usd: Option<f64>,
+}
+
+impl AmountsBody {
+    /// Check and convert; `field` prefixes error fields (`amounts`).
+    pub fn to_amounts(&self, field: &str) -> Result<Amounts, ApiError> {
+        let mut a = Amounts::ZERO;
+        let input = self.input_tokens.unwrap_or(0);
+        let output = self.output_tokens.unwrap_or(0);
+        let tokens = self.tokens.unwrap_or_else(|| input.saturating_add(output));
+        for (m, v) in [
+            (Metric::Requests, self.requests.unwrap_or(0)),
+            (Metric::Tokens, tokens),
+            (Metric::InputTokens, input),
+            (Metric::OutputTokens, output),
+        ] {
+            if v > MAX_LIMIT {
+                return Err(ApiError::invalid(
+                    format!("{field}.{}", m.name()),
+                    format!("must be at most {MAX_LIMIT}"),
+                ));
+            }
+            a.set(m, v);
+        }
+        if let Some(usd) = self.cost_usd {
+            let micros = usd_to_micros(usd)
+                .map_err(|e| ApiError::invalid(format!("{field}.cost_usd"), e.to_string()))?;
+            if micros > MAX_LIMIT {
+                return Err(ApiError::invalid(format!("{field}.cost_usd"), "too large"));
+            }
+            a.set(Metric::CostUsd, micros);
+        }
+        Ok(a)
+    }
+}
+
+/// Amounts as JSON (cost in dollars).
+pub fn amounts_json(a: &Amounts) -> Value {
+    json!({
+        "requests": a.get(Metric::Requests),
+        "tokens": a.get(Metric::Tokens),
+        "input_tokens": a.get(Metric::InputTokens),
+        "output_tokens": a.get(Metric::OutputTokens),
+        "cost_usd": micros_to_usd(a.get(Metric::CostUsd)),
+    })
+}
+
+/// A value of a metric as JSON: dollars for `cost_usd`, a count otherwise.
+pub fn metric_value(metric: Metric, v: u64) -> Value {
+    if metric == Metric::CostUsd {
+        Value::from(micros_to_usd(v))
+    } else {
+        Value::from(v)
+    }
+}
+
+/// Parse subjects, naming the bad one.
+pub fn parse_subjects(subjects: &[String], field: &str) -> Result<Vec<Subject>, ApiError> {
+    if subjects.is_empty() {
+        return Err(ApiError::invalid(field, "at least one subject is required"));
+    }
+    if subjects.len() > MAX_SUBJECTS {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_SUBJECTS} subjects"),
+        ));
+    }
+    subjects
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let subject = Subject::parse(s)
+                .map_err(|e| ApiError::invalid(format!("{field}[{i}]"), e.to_string()))?;
+            if subject.is_wildcard() {
+                return Err(ApiError::invalid(
+                    format!("{field}[{i}]"),
+                    "a decision names real subjects; `kind:*` is only for policies",
+                ));
+            }
+            Ok(subject)
+        })
+        .collect()
+}
+
+/// `POST /v1/check` and `POST /v1/intents`-style decision body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    /// Who is limited.
+    pub subjects: Vec<String>,
+    /// How much (default: one request).
+    pub amounts: Option<AmountsBody>,
+}
+
+/// `POST /v1/reserve`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveBody {
+    /// Who is limited.
+    pub subjects: Vec<String>,
+    /// How much to hold (default: one request).
+    pub amounts: Option<AmountsBody>,
+    /// Lease in seconds (default from config, capped at `max_lease_s`).
+    pub lease_s: Option<f64>,
+}
+
+/// `POST /v1/reservations/{id}/commit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBody {
+    /// The actual amounts.
+    pub amounts: AmountsBody,
+}
+
+/// What to do when a limit is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Action {
+    /// Refuse (429).
+    #[default]
+    Block,
+    /// Let through and record (issue 6).
+    Alert,
+    /// Hold for a human (issue 6).
+    RequireApproval,
+    /// Switch to a cheaper model (issue 6).
+    Degrade,
+}
+
+impl Action {
+    /// Parse, naming the field on error.
+    pub fn parse(s: &str, field: &str) -> Result<Action, ApiError> {
+        Ok(match s {
+            "block" => Action::Block,
+            "alert" => Action::Alert,
+            "require_approval" => Action::RequireApproval,
+            "degrade" => Action::Degrade,
+            other => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "unknown action {other:?}: expected block, alert, require_approval or degrade"
+                    ),
+                ));
+            }
+        })
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Block => "block",
+            Action::Alert => "alert",
+            Action::RequireApproval => "require_approval",
+            Action::Degrade => "degrade",
+        }
+    }
+}
+
+/// One limit as written in a policy body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitBody {
+    /// `requests`, `tokens`, `input_tokens`, `output_tokens`, `cost_usd`.
+    pub metric: String,
+    /// Per window; dollars for `cost_usd`, a whole number otherwise.
+    pub limit: Number,
+    /// `"1h"`, `"day"`, ...
+    pub window: String,
+    /// `sliding`, `gcra` or `fixed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// GCRA burst (same unit as `limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<Number>,
+    /// Sliding sub-windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<u32>,
+}
+
+/// A policy as written: `PUT /v1/policies/{subject}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    /// Every limit applies.
+    pub limits: Vec<LimitBody>,
+    /// IANA zone of calendar windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// `block` (default), `alert`, `require_approval`, `degrade`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_on_breach: Option<String>,
+}
+
+fn amount_of(metric: Option<Metric>, n: &Number, field: &str) -> Result<u64, ApiError> {
+    if metric == Some(Metric::CostUsd) {
+        let usd = n
+            .as_f64()
+            .ok_or_else(|| ApiError::invalid(field, "must be a number of dollars"))?;
+        if usd <= 0.0 {
+            return Err(ApiError::invalid(field, "must be above 0"));
+        }
+        let micros = usd_to_micros(usd).map_err(|e| ApiError::invalid(field, e.to_string()))?;
+        if micros == 0 {
+            return Err(ApiError::invalid(field, "must be at least $0.000001"));
+        }
+        Ok(micros)
+    } else if let Some(v) = n.as_u64() {
+        if v == 0 {
+            return Err(ApiError::invalid(field, "must be above 0"));
+        }
+        Ok(v)
+    } else if n.as_i64().is_some() || n.as_f64().is_some_and(|f| f <= 0.0) {
+        Err(ApiError::invalid(field, "must be above 0"))
+    } else {
+        Err(ApiError::invalid(field, "must be a whole number"))
+    }
+}
+
+impl PolicyBody {
+    /// Check and convert to the engine's policy and the action.
+    pub fn to_policy(&self) -> Result<(Policy, Action), ApiError> {
+        let mut limits = Vec::with_capacity(self.limits.len());
+        for (i, l) in self.limits.iter().enumerate() {
+            let metric: Option<Metric> = l.metric.parse().ok();
+            if metric.is_none() {
+                return Err(ApiError::invalid(
+                    format!("limits[{i}].metric"),
+                    format!(
+                        "unknown metric {:?}: expected requests, tokens, input_tokens, output_tokens or cost_usd",
+                        l.metric
+                    ),
+                ));
+            }
+            let limit = amount_of(metric, &l.limit, &format!("limits[{i}].limit"))?;
+            let burst = l
+                .burst
+                .as_ref()
+                .map(|b| amount_of(metric, b, &format!("limits[{i}].burst")))
+                .transpose()?;
+            limits.push(LimitDef {
+                metric: l.metric.clone(),
+                limit,
+                window: l.window.clone(),
+                algorithm: l.algorithm.clone(),
+                burst,
+                buckets: l.buckets,
+            });
+        }
+        let policy = Policy::new(&PolicyDef {
+            limits,
+            timezone: self.timezone.clone(),
+        })
+        .map_err(|e| ApiError::invalid(e.field, e.reason))?;
+        let action = match &self.action_on_breach {
+            Some(a) => Action::parse(a, "action_on_breach")?,
+            None => Action::Block,
+        };
+        Ok((policy, action))
+    }
+}
+
+/// A policy as answered.
+pub fn policy_json(subject: &str, body: &PolicyBody, policy: &Policy, updated_ns: u64) -> Value {
+    let limits: Vec<Value> = body
+        .limits
+        .iter()
+        .zip(policy.limits())
+        .map(|(b, l)| {
+            let mut v = json!({
+                "metric": l.metric().name(),
+                "limit": metric_value(l.metric(), l.limit()),
+                "window": l.window().to_string(),
+                "algorithm": l.algorithm().name(),
+            });
+            if l.algorithm() == AlgorithmKind::Gcra {
+                v["burst"] = metric_value(l.metric(), l.burst().unwrap_or(l.limit()));
+            }
+            if let Some(b) = b.buckets {
+                v["buckets"] = Value::from(b);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "subject": subject,
+        "limits": limits,
+        "timezone": policy.timezone(),
+        "action_on_breach": body.action_on_breach.as_deref().unwrap_or("block"),
+        "updated_at": rfc3339(updated_ns),
+    })
+}
+
+/// RFC 3339 (UTC) of an instant in ns.
+pub fn rfc3339(ns: u64) -> String {
+    jiff::Timestamp::from_nanosecond(i128::from(ns))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// Seconds from `now` to `at`, as a float.
+pub fn secs_until(at: Timestamp, now: Timestamp) -> f64 {
+    at.saturating_since(now).as_secs_f64()
+}
+
+/// One limit's status as JSON.
+pub fn status_json(s: &LimitStatus, subjects: &[Subject], now: Timestamp) -> Value {
+    json!({
+        "subject": subjects.get(s.subject).map(Subject::as_str),
+        "metric": s.metric.name(),
+        "window": s.window.to_string(),
+        "algorithm": s.algorithm.name(),
+        "limit": metric_value(s.metric, s.limit),
+        "used": metric_value(s.metric, s.used),
+        "remaining": metric_value(s.metric, s.remaining),
+        "reset_at": rfc3339(s.reset_at.as_nanos()),
+        "reset_in_s": secs_until(s.reset_at, now),
+    })
+}
