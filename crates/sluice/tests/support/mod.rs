@@ -83,9 +83,11 @@ impl Serve {
         });
         let mut early = Vec::new();
         loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("sluice serve did not start; stderr: {early:?}"));
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sluice serve did not start; stderr: {early:?}");
+            };
             early.push(line.clone());
             if let Some(url) = line.strip_prefix("sluice: listening on ") {
                 return Serve {
