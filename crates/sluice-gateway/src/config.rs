@@ -152,11 +152,16 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| {
             // toml names the key and the line; keep its message, say which file.
             let msg = e.message().to_owned();
+            // The key is what precedes `=` on the line the error points at.
             let key = e
                 .span()
-                .and_then(|span| text.get(span))
-                .map(|s| s.split('=').next().unwrap_or(s).trim().to_owned())
-                .filter(|s| !s.is_empty() && s.len() < 64)
+                .map(|span| {
+                    let start = span.start.min(text.len());
+                    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+                    let line = text[line_start..].lines().next().unwrap_or("");
+                    line.split('=').next().unwrap_or("").trim().to_owned()
+                })
+                .filter(|s| !s.is_empty() && s.len() < 64 && !s.starts_with('['))
                 .unwrap_or_else(|| "file".to_owned());
             let line = e
                 .span()

@@ -74,6 +74,38 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     CREATE INDEX idempotency_created ON idempotency (created_ns);",
 )];
 
+/// Rows per multi-row INSERT, largest first (14 parameters a row; SQLite
+/// allows 32766 and PostgreSQL 65535 per statement).
+const INSERT_CHUNKS: [usize; 4] = [256, 32, 4, 1];
+
+fn insert_sql(n: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<(usize, String)>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        INSERT_CHUNKS
+            .iter()
+            .map(|&n| {
+                let values: Vec<String> = (0..n)
+                    .map(|r| {
+                        let p: Vec<String> = (1..=14).map(|c| format!("${}", r * 14 + c)).collect();
+                        format!("({})", p.join(", "))
+                    })
+                    .collect();
+                (
+                    n,
+                    format!(
+                        "INSERT INTO ledger (ts_ns, kind, reservation, subjects, requests, tokens, input_tokens, \
+                         output_tokens, cost_micros, held, reserved_ns, caller, request_id, detail) VALUES {}",
+                        values.join(", ")
+                    ),
+                )
+            })
+            .collect()
+    });
+    all.iter()
+        .find(|(m, _)| *m == n)
+        .map_or("", |(_, s)| s.as_str())
+}
+
 /// What a ledger row records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowKind {
@@ -385,29 +417,40 @@ impl Db {
     pub async fn write_batch(&self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
         let mut rollup: HashMap<(&str, String), Amounts> = HashMap::new();
+        // Multi-row INSERTs in a few fixed sizes: one statement per chunk
+        // instead of per row (each statement is a round trip to the driver's
+        // thread), and few distinct statements to prepare and cache.
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let n = INSERT_CHUNKS
+                .iter()
+                .copied()
+                .find(|&n| n <= rest.len())
+                .unwrap_or(1);
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let mut q = sqlx::query(insert_sql(n));
+            for row in chunk {
+                let subjects = serde_json::to_string(&row.subjects).unwrap_or_else(|_| "[]".into());
+                q = q
+                    .bind(to_i64(row.ts_ns))
+                    .bind(row.kind.name())
+                    .bind(row.reservation.clone())
+                    .bind(subjects)
+                    .bind(to_i64(row.amounts.get(Metric::Requests)))
+                    .bind(to_i64(row.amounts.get(Metric::Tokens)))
+                    .bind(to_i64(row.amounts.get(Metric::InputTokens)))
+                    .bind(to_i64(row.amounts.get(Metric::OutputTokens)))
+                    .bind(to_i64(row.amounts.get(Metric::CostUsd)))
+                    .bind(row.held.as_ref().map(amounts_text))
+                    .bind(row.reserved_ns.map(to_i64))
+                    .bind(row.caller.clone())
+                    .bind(row.request_id.clone())
+                    .bind(row.detail.clone());
+            }
+            q.execute(&mut *tx).await?;
+        }
         for row in rows {
-            let subjects = serde_json::to_string(&row.subjects).unwrap_or_else(|_| "[]".into());
-            sqlx::query(
-                "INSERT INTO ledger (ts_ns, kind, reservation, subjects, requests, tokens, input_tokens,
-                 output_tokens, cost_micros, held, reserved_ns, caller, request_id, detail)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
-            .bind(to_i64(row.ts_ns))
-            .bind(row.kind.name())
-            .bind(row.reservation.as_deref())
-            .bind(subjects)
-            .bind(to_i64(row.amounts.get(Metric::Requests)))
-            .bind(to_i64(row.amounts.get(Metric::Tokens)))
-            .bind(to_i64(row.amounts.get(Metric::InputTokens)))
-            .bind(to_i64(row.amounts.get(Metric::OutputTokens)))
-            .bind(to_i64(row.amounts.get(Metric::CostUsd)))
-            .bind(row.held.as_ref().map(amounts_text))
-            .bind(row.reserved_ns.map(to_i64))
-            .bind(&row.caller)
-            .bind(row.request_id.as_deref())
-            .bind(row.detail.as_deref())
-            .execute(&mut *tx)
-            .await?;
             if row.kind.is_spend() && row.amounts != Amounts::ZERO {
                 let day = utc_day(row.ts_ns);
                 for s in &row.subjects {
