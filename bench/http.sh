@@ -45,14 +45,25 @@ run() { # $1 url, rest: extra args
   local url="$1"; shift
   $PIN_LOAD "$BIN/examples/loadgen" "$url/v1/check" --body "$BODY" --header "authorization: Bearer $KEY" --conns "$CONNS" --secs "$SECS" "$@"
 }
+drain() { # wait (bounded) until the ledger has written everything queued
+  for _ in $(seq 1 300); do
+    p="$(curl -fsS "$SLUICE/metrics" | awk '/^sluice_ledger_pending_rows/ {print $2}')"
+    [ "$p" = "0" ] && return
+    sleep 0.1
+  done
+  echo "ledger still has $p rows pending after 30 s" >&2
+}
+pending() { curl -fsS "$SLUICE/metrics" | awk '/^sluice_ledger_pending_rows/ {print $2}'; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 echo "warming up" >&2
-run "$YARD" --secs 2 >/dev/null; run "$SLUICE" --secs 2 >/dev/null
+run "$YARD" --secs 2 >/dev/null; run "$SLUICE" --secs 2 >/dev/null; drain
 Y_MAX="$(run "$YARD")"; S_MAX="$(run "$SLUICE")"
+S_PENDING="$(pending)"; drain
 Y_RATE="$(python3 -c "print(int($(field "$Y_MAX" rps) * 0.8))")"
 S_RATE="$(python3 -c "print(int($(field "$S_MAX" rps) * 0.8))")"
 Y_80="$(run "$YARD" --rate "$Y_RATE")"; S_80="$(run "$SLUICE" --rate "$S_RATE")"
+S80_PENDING="$(pending)"
 ERRORS=$(( $(field "$S_MAX" errors) + $(field "$S_80" errors) ))
 
 echo "| target | max rps | p50 at max (µs) | p99 at max (µs) | rate at 80% | p50 at 80% (µs) | p99 at 80% (µs) |"
@@ -63,4 +74,5 @@ for t in yardstick sluice; do
 done
 python3 -c "print(f'sluice / yardstick throughput: {$(field "$S_MAX" rps) / $(field "$Y_MAX" rps):.0%}')"
 echo "sluice errors (non-2xx or failed): $ERRORS"
+echo "ledger rows still queued at the end of the max run: $S_PENDING; of the 80% run: $S80_PENDING"
 echo "ledger rows written: $(curl -fsS "$SLUICE/metrics" | grep '^sluice_ledger_rows_written_total' | awk '{print $2}')"

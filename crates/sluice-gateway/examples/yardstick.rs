@@ -4,6 +4,10 @@
 //!
 //! `cargo run --release -p sluice-gateway --example yardstick -- 127.0.0.1:0`
 
+/// The same allocator as the `sluice` binary, so the comparison is of the handlers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::header;

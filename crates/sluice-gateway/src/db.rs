@@ -75,7 +75,7 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 )];
 
 /// Rows per multi-row INSERT, largest first (14 parameters a row; SQLite
-/// allows 32766 and PostgreSQL 65535 per statement).
+/// allows 32766 per statement).
 const INSERT_CHUNKS: [usize; 4] = [256, 32, 4, 1];
 
 fn insert_sql(n: usize) -> &'static str {
@@ -85,10 +85,9 @@ fn insert_sql(n: usize) -> &'static str {
             .iter()
             .map(|&n| {
                 let values: Vec<String> = (0..n)
-                    .map(|r| {
-                        let p: Vec<String> = (1..=14).map(|c| format!("${}", r * 14 + c)).collect();
-                        format!("({})", p.join(", "))
-                    })
+                    // Positional `?`: sqlx-sqlite looks each `$N` up by name,
+                    // which is quadratic in the number of parameters.
+                    .map(|_| format!("({})", ["?"; 14].join(", ")))
                     .collect();
                 (
                     n,
@@ -429,24 +428,31 @@ impl Db {
                 .unwrap_or(1);
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
+            let subjects: Vec<String> = chunk
+                .iter()
+                .map(|row| serde_json::to_string(&row.subjects).unwrap_or_else(|_| "[]".into()))
+                .collect();
+            let held: Vec<Option<String>> = chunk
+                .iter()
+                .map(|r| r.held.as_ref().map(amounts_text))
+                .collect();
             let mut q = sqlx::query(insert_sql(n));
-            for row in chunk {
-                let subjects = serde_json::to_string(&row.subjects).unwrap_or_else(|_| "[]".into());
+            for ((row, subjects), held) in chunk.iter().zip(&subjects).zip(&held) {
                 q = q
                     .bind(to_i64(row.ts_ns))
                     .bind(row.kind.name())
-                    .bind(row.reservation.clone())
-                    .bind(subjects)
+                    .bind(row.reservation.as_deref())
+                    .bind(subjects.as_str())
                     .bind(to_i64(row.amounts.get(Metric::Requests)))
                     .bind(to_i64(row.amounts.get(Metric::Tokens)))
                     .bind(to_i64(row.amounts.get(Metric::InputTokens)))
                     .bind(to_i64(row.amounts.get(Metric::OutputTokens)))
                     .bind(to_i64(row.amounts.get(Metric::CostUsd)))
-                    .bind(row.held.as_ref().map(amounts_text))
+                    .bind(held.as_deref())
                     .bind(row.reserved_ns.map(to_i64))
-                    .bind(row.caller.clone())
-                    .bind(row.request_id.clone())
-                    .bind(row.detail.clone());
+                    .bind(row.caller.as_str())
+                    .bind(row.request_id.as_deref())
+                    .bind(row.detail.as_deref());
             }
             q.execute(&mut *tx).await?;
         }

@@ -48,6 +48,10 @@ pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiErro
             return Err(too_large());
         }
     }
+    // Read before judging the content type, so the connection can be reused.
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| too_large())?;
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         // curl sends form-urlencoded unless told otherwise: its body is still parsed as JSON.
@@ -64,9 +68,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiErro
             .field("Content-Type"));
         }
     }
-    axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| too_large())
+    Ok(bytes)
 }
 
 /// Parse JSON, naming the failing field.
@@ -87,6 +89,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 ),
             },
         );
+    }
+    // Fast path: plain serde_json. Only a failure is parsed again to find
+    // the path of the failing field.
+    if let Ok(value) = serde_json::from_slice::<T>(bytes) {
+        return Ok(value);
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {

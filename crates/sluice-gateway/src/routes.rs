@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
@@ -27,8 +27,8 @@ use crate::ratelimit;
 use crate::reservations::{Meta, Parsed};
 use crate::server::{AppState, StoredPolicy};
 use crate::wire::{
-    AmountsBody, CheckBody, CommitBody, LimitBody, PolicyBody, ReserveBody, amounts_json,
-    metric_value, parse_subjects, policy_json, rfc3339, status_json,
+    AmountsBody, CheckBody, CommitBody, LimitBody, PolicyBody, ReserveBody, StatusOut,
+    amounts_json, metric_value, parse_subjects, policy_json, rfc3339, status_out,
 };
 
 type St = State<Arc<AppState>>;
@@ -61,12 +61,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 #[derive(Debug)]
 struct Reply {
     status: StatusCode,
-    headers: Vec<(String, String)>,
+    headers: Vec<(HeaderName, HeaderValue)>,
     body: Vec<u8>,
 }
 
 impl Reply {
-    fn json(status: StatusCode, value: &Value) -> Reply {
+    fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Reply {
         Reply {
             status,
             headers: Vec::new(),
@@ -76,8 +76,18 @@ impl Reply {
 
     fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> Reply {
         self.headers
-            .extend(headers.into_iter().map(|(k, v)| (k.to_owned(), v)));
+            .extend(headers.into_iter().filter_map(|(k, v)| {
+                Some((HeaderName::from_static(k), HeaderValue::try_from(v).ok()?))
+            }));
         self
+    }
+
+    /// Headers as strings, to store with an idempotent answer.
+    fn header_strings(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect()
     }
 
     fn into_response(self) -> Response {
@@ -88,24 +98,33 @@ impl Reply {
             HeaderValue::from_static("application/json"),
         );
         for (k, v) in self.headers {
-            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
-                h.insert(k, v);
-            }
+            h.insert(k, v);
         }
         r
     }
 }
 
 fn stored_reply(s: &Stored) -> Response {
-    let mut reply = Reply {
-        status: StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK),
-        headers: s.headers.clone(),
-        body: s.body.clone(),
-    };
-    reply
+    let mut headers: Vec<(HeaderName, HeaderValue)> = s
         .headers
-        .push(("idempotent-replayed".into(), "true".into()));
-    reply.into_response()
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                HeaderName::try_from(k.as_str()).ok()?,
+                HeaderValue::try_from(v.as_str()).ok()?,
+            ))
+        })
+        .collect();
+    headers.push((
+        HeaderName::from_static("idempotent-replayed"),
+        HeaderValue::from_static("true"),
+    ));
+    Reply {
+        status: StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK),
+        headers,
+        body: s.body.clone(),
+    }
+    .into_response()
 }
 
 fn result(r: Result<Response, ApiError>) -> Response {
@@ -171,11 +190,21 @@ async fn metrics(State(st): St) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> Response {
-    ApiError::not_found(format!("no route for {}", uri.path())).into_response()
+/// Read and drop a body we will not use, so the connection stays reusable.
+async fn drain(body: Body) {
+    let _ = axum::body::to_bytes(body, json::MAX_BODY).await;
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+async fn not_found(request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    drain(body).await;
+    ApiError::not_found(format!("no route for {}", parts.uri.path())).into_response()
+}
+
+async fn method_not_allowed(request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    drain(body).await;
+    let (method, uri) = (parts.method, parts.uri);
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -223,9 +252,11 @@ async fn set_policy(
 async fn put_policy(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {
     result(
         async {
+            // Read the body first: the connection stays reusable whatever the answer.
+            let bytes = json::read_body(&headers, body).await?;
             st.keys.authenticate(&headers)?.require_admin()?;
             let subject = path_subject(&uri, "/v1/policies/")?;
-            let (policy, _) = json::read::<PolicyBody>(&headers, body).await?;
+            let policy = json::parse::<PolicyBody>(&bytes)?;
             let (created, stored) = set_policy(&st, &subject, policy).await?;
             let status = if created {
                 StatusCode::CREATED
@@ -377,11 +408,32 @@ fn denial_error(d: &Denial, subjects: &[Subject]) -> (ApiError, Outcome) {
     (e, outcome)
 }
 
-fn statuses_json(statuses: &[LimitStatus], subjects: &[Subject], now: Timestamp) -> Vec<Value> {
+fn statuses_json<'a>(
+    statuses: &[LimitStatus],
+    subjects: &'a [Subject],
+    now: Timestamp,
+) -> Vec<StatusOut<'a>> {
     statuses
         .iter()
-        .map(|s| status_json(s, subjects, now))
+        .map(|s| status_out(s, subjects, now))
         .collect()
+}
+
+/// `POST /v1/check` allowed.
+#[derive(serde::Serialize)]
+struct CheckOut<'a> {
+    allowed: bool,
+    limits: Vec<StatusOut<'a>>,
+}
+
+/// `POST /v1/intents` accepted.
+#[derive(serde::Serialize)]
+struct IntentOut<'a> {
+    intent_id: &'a str,
+    status: &'static str,
+    intent_type: &'a str,
+    to_agent: &'a str,
+    limits: Vec<StatusOut<'a>>,
 }
 
 /// Run a decision under the request's `Idempotency-Key` (if any): a replay
@@ -416,7 +468,7 @@ where
     if reply.status.is_success() {
         let stored = Stored {
             status: reply.status.as_u16(),
-            headers: reply.headers.clone(),
+            headers: reply.header_strings(),
             body: reply.body.clone(),
             fingerprint: guard.fingerprint.clone(),
             created_ns: st.now().as_nanos(),
@@ -465,11 +517,16 @@ fn observe(st: &AppState, endpoint: Endpoint, started: Timestamp, r: &Result<Res
     st.metrics.record(endpoint, outcome, latency);
 }
 
-async fn check(State(st): St, headers: HeaderMap, body: Body) -> Response {
+async fn check(State(st): St, request: axum::extract::Request) -> Response {
     let started = st.now();
+    // Take the request apart instead of extracting a cloned HeaderMap.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let r = async {
+        // Read the body first: the connection stays reusable whatever the answer.
+        let bytes = json::read_body(&headers, body).await?;
         let caller = st.keys.authenticate(&headers)?;
-        let (req, bytes) = json::read::<CheckBody>(&headers, body).await?;
+        let req = json::parse::<CheckBody>(&bytes)?;
         let subjects = scope_subjects(&caller, parse_subjects(&req.subjects, "subjects")?)?;
         let amounts = amounts_or_one(req.amounts.as_ref())?;
         let st2 = Arc::clone(&st);
@@ -479,10 +536,10 @@ async fn check(State(st): St, headers: HeaderMap, body: Body) -> Response {
             let now = st2.now();
             match st2.limiter.check(&request) {
                 Decision::Allowed(statuses) => {
-                    let body = json!({
-                        "allowed": true,
-                        "limits": statuses_json(&statuses, &subjects, now),
-                    });
+                    let body = CheckOut {
+                        allowed: true,
+                        limits: statuses_json(&statuses, &subjects, now),
+                    };
                     let row = LedgerRow {
                         ts_ns: now.as_nanos(),
                         kind: RowKind::Check,
@@ -511,11 +568,16 @@ async fn check(State(st): St, headers: HeaderMap, body: Body) -> Response {
     result(r)
 }
 
-async fn reserve(State(st): St, headers: HeaderMap, body: Body) -> Response {
+async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
     let started = st.now();
+    // Take the request apart instead of extracting a cloned HeaderMap.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let r = async {
+        // Read the body first: the connection stays reusable whatever the answer.
+        let bytes = json::read_body(&headers, body).await?;
         let caller = st.keys.authenticate(&headers)?;
-        let (req, bytes) = json::read::<ReserveBody>(&headers, body).await?;
+        let req = json::parse::<ReserveBody>(&bytes)?;
         let subjects = scope_subjects(&caller, parse_subjects(&req.subjects, "subjects")?)?;
         let amounts = amounts_or_one(req.amounts.as_ref())?;
         let max = st.config.max_lease;
@@ -697,8 +759,10 @@ async fn settle(
 async fn commit(State(st): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
     let started = st.now();
     let r = async {
+        // Read the body first: the connection stays reusable whatever the answer.
+        let bytes = json::read_body(&headers, body).await?;
         let caller = st.keys.authenticate(&headers)?;
-        let (req, _) = json::read::<CommitBody>(&headers, body).await?;
+        let req = json::parse::<CommitBody>(&bytes)?;
         let actual = req.amounts.to_amounts("amounts")?;
         settle(&st, &caller, &id, Some(actual)).await
     }
@@ -715,8 +779,8 @@ async fn release(
 ) -> Response {
     let started = st.now();
     let r = async {
-        let caller = st.keys.authenticate(&headers)?;
         let bytes = json::read_body(&headers, body).await?;
+        let caller = st.keys.authenticate(&headers)?;
         if !bytes.iter().all(u8::is_ascii_whitespace) {
             let _: Map<String, Value> = json::parse(&bytes)?;
         }
@@ -808,8 +872,10 @@ fn key_json(k: &AgentKey) -> Value {
 async fn create_key(State(st): St, headers: HeaderMap, body: Body) -> Response {
     result(
         async {
+            // Read the body first: the connection stays reusable whatever the answer.
+            let bytes = json::read_body(&headers, body).await?;
             st.keys.authenticate(&headers)?.require_admin()?;
-            let (req, _) = json::read::<KeyBody>(&headers, body).await?;
+            let req = json::parse::<KeyBody>(&bytes)?;
             let subject = Subject::parse(&req.subject)
                 .map_err(|e| ApiError::invalid("subject", e.to_string()))?;
             if subject.is_wildcard() {
@@ -992,12 +1058,14 @@ async fn mesh_get(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
 async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {
     result(
         async {
+            // Read the body first: the connection stays reusable whatever the answer.
+            let bytes = json::read_body(&headers, body).await?;
             st.keys.authenticate(&headers)?.require_admin()?;
             let (subject, rest) = mesh_address(&uri)?;
             if rest != "/policies/cost" {
                 return Err(ApiError::not_found(format!("no route for {}", uri.path())));
             }
-            let (req, _) = json::read::<CostPolicyBody>(&headers, body).await?;
+            let req = json::parse::<CostPolicyBody>(&bytes)?;
             if req.max_intents_per_hour.is_none()
                 && req.max_intents_per_day.is_none()
                 && req.max_cost_per_day_usd.is_none()
@@ -1080,11 +1148,16 @@ struct IntentBody {
     correlation_id: Option<Value>,
 }
 
-async fn intent(State(st): St, headers: HeaderMap, body: Body) -> Response {
+async fn intent(State(st): St, request: axum::extract::Request) -> Response {
     let started = st.now();
+    // Take the request apart instead of extracting a cloned HeaderMap.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let r = async {
+        // Read the body first: the connection stays reusable whatever the answer.
+        let bytes = json::read_body(&headers, body).await?;
         let caller = st.keys.authenticate(&headers)?;
-        let (req, bytes) = json::read::<IntentBody>(&headers, body).await?;
+        let req = json::parse::<IntentBody>(&bytes)?;
         let intent_type = match &req.intent_type {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
             Some(Value::String(_)) => {
@@ -1143,13 +1216,13 @@ async fn intent(State(st): St, headers: HeaderMap, body: Body) -> Response {
                 Decision::Allowed(statuses) => {
                     let n = st2.intents.fetch_add(1, Ordering::Relaxed);
                     let intent_id = format!("int_{}_{n}", st2.reservations.boot());
-                    let body = json!({
-                        "intent_id": intent_id,
-                        "status": "accepted",
-                        "intent_type": intent_type,
-                        "to_agent": subjects[0].as_str(),
-                        "limits": statuses_json(&statuses, &subjects, now),
-                    });
+                    let body = IntentOut {
+                        intent_id: &intent_id,
+                        status: "accepted",
+                        intent_type: &intent_type,
+                        to_agent: subjects[0].as_str(),
+                        limits: statuses_json(&statuses, &subjects, now),
+                    };
                     let row = LedgerRow {
                         ts_ns: now.as_nanos(),
                         kind: RowKind::Intent,
@@ -1159,7 +1232,7 @@ async fn intent(State(st): St, headers: HeaderMap, body: Body) -> Response {
                         held: None,
                         reserved_ns: None,
                         caller: who.clone(),
-                        request_id: Some(intent_id),
+                        request_id: Some(intent_id.clone()),
                         detail: Some(
                             json!({
                                 "intent_type": intent_type,

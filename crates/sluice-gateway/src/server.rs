@@ -263,7 +263,12 @@ impl Gateway {
                 },
             );
         }
-        let ledger = Ledger::start(db.clone(), config.ledger_sync, clock.clone());
+        let ledger = Ledger::start(
+            db.clone(),
+            config.ledger_sync,
+            config.ledger_batch,
+            clock.clone(),
+        );
         let idempotency = Arc::new(Idempotency::default());
         let now = clock.now();
         idempotency.load(

@@ -319,11 +319,50 @@ pub fn policy_json(subject: &str, body: &PolicyBody, policy: &Policy, updated_ns
     })
 }
 
-/// RFC 3339 (UTC) of an instant in ns.
+/// RFC 3339 (UTC) of an instant in ns: `2027-01-15T08:00:00Z`, with the
+/// fraction (trailing zeros trimmed) when there is one. Hand-rolled: it is on
+/// every decision's answer (civil date from days per H. Hinnant's algorithm).
 pub fn rfc3339(ns: u64) -> String {
-    jiff::Timestamp::from_nanosecond(i128::from(ns))
-        .map(|t| t.to_string())
-        .unwrap_or_default()
+    use std::fmt::Write;
+    let secs = ns / 1_000_000_000;
+    let frac = ns % 1_000_000_000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = String::with_capacity(32);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    );
+    if frac != 0 {
+        let mut digits = format!("{frac:09}");
+        while digits.ends_with('0') {
+            digits.pop();
+        }
+        out.push('.');
+        out.push_str(&digits);
+    }
+    out.push('Z');
+    out
+}
+
+/// A window's name, without allocating for calendar windows.
+pub fn window_name(w: sluice_core::Window) -> std::borrow::Cow<'static, str> {
+    match w {
+        sluice_core::Window::Calendar(unit) => std::borrow::Cow::Borrowed(unit.name()),
+        other => std::borrow::Cow::Owned(other.to_string()),
+    }
 }
 
 /// Seconds from `now` to `at`, as a float.
@@ -331,17 +370,96 @@ pub fn secs_until(at: Timestamp, now: Timestamp) -> f64 {
     at.saturating_since(now).as_secs_f64()
 }
 
-/// One limit's status as JSON.
-pub fn status_json(s: &LimitStatus, subjects: &[Subject], now: Timestamp) -> Value {
-    json!({
-        "subject": subjects.get(s.subject).map(Subject::as_str),
-        "metric": s.metric.name(),
-        "window": s.window.to_string(),
-        "algorithm": s.algorithm.name(),
-        "limit": metric_value(s.metric, s.limit),
-        "used": metric_value(s.metric, s.used),
-        "remaining": metric_value(s.metric, s.remaining),
-        "reset_at": rfc3339(s.reset_at.as_nanos()),
-        "reset_in_s": secs_until(s.reset_at, now),
-    })
+/// A metric's value, serialised as dollars for `cost_usd` and a count otherwise.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(untagged)]
+pub enum Num {
+    /// A count.
+    Count(u64),
+    /// Dollars.
+    Usd(f64),
+}
+
+impl Num {
+    /// The value of `v` in `metric`'s unit.
+    pub fn of(metric: Metric, v: u64) -> Num {
+        if metric == Metric::CostUsd {
+            Num::Usd(micros_to_usd(v))
+        } else {
+            Num::Count(v)
+        }
+    }
+}
+
+/// One limit's status, as answered (serialised straight to bytes on the hot path).
+#[derive(Debug, Serialize)]
+pub struct StatusOut<'a> {
+    /// The subject.
+    pub subject: Option<&'a str>,
+    /// The metric.
+    pub metric: &'static str,
+    /// The window.
+    pub window: std::borrow::Cow<'static, str>,
+    /// The algorithm.
+    pub algorithm: &'static str,
+    /// Per window.
+    pub limit: Num,
+    /// Used.
+    pub used: Num,
+    /// What a request could still take.
+    pub remaining: Num,
+    /// When usage has drained (RFC 3339).
+    pub reset_at: String,
+    /// Seconds until then.
+    pub reset_in_s: f64,
+}
+
+/// One limit's status.
+pub fn status_out<'a>(s: &LimitStatus, subjects: &'a [Subject], now: Timestamp) -> StatusOut<'a> {
+    StatusOut {
+        subject: subjects.get(s.subject).map(Subject::as_str),
+        metric: s.metric.name(),
+        window: window_name(s.window),
+        algorithm: s.algorithm.name(),
+        limit: Num::of(s.metric, s.limit),
+        used: Num::of(s.metric, s.used),
+        remaining: Num::of(s.metric, s.remaining),
+        reset_at: rfc3339(s.reset_at.as_nanos()),
+        reset_in_s: secs_until(s.reset_at, now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_jiff() {
+        for ns in [
+            0u64,
+            1,
+            999_999_999,
+            1_800_000_000_000_000_000,
+            1_709_164_800_123_000_000, // 2024-02-29
+            951_782_400_000_000_000,   // 2000-02-29
+            4_102_444_799_999_999_999, // 2099-12-31T23:59:59.999999999
+            1_234_567_890_500_000_000,
+        ] {
+            let expected = jiff::Timestamp::from_nanosecond(i128::from(ns))
+                .unwrap()
+                .to_string();
+            assert_eq!(rfc3339(ns), expected, "{ns}");
+        }
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ns = x % 4_102_444_800_000_000_000;
+            let expected = jiff::Timestamp::from_nanosecond(i128::from(ns))
+                .unwrap()
+                .to_string();
+            assert_eq!(rfc3339(ns), expected, "{ns}");
+        }
+    }
 }

@@ -2,6 +2,10 @@
 
 mod cli;
 
+/// mimalloc: the gateway allocates small, short-lived buffers per request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
