@@ -415,7 +415,8 @@ impl Db {
     /// roll spend up per subject and UTC day.
     pub async fn write_batch(&self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        let mut rollup: HashMap<(&str, String), Amounts> = HashMap::new();
+        // Keyed by the day number: the date string is made once per distinct day.
+        let mut rollup: HashMap<(&str, u64), Amounts> = HashMap::new();
         // Multi-row INSERTs in a few fixed sizes: one statement per chunk
         // instead of per row (each statement is a round trip to the driver's
         // thread), and few distinct statements to prepare and cache.
@@ -458,11 +459,9 @@ impl Db {
         }
         for row in rows {
             if row.kind.is_spend() && row.amounts != Amounts::ZERO {
-                let day = utc_day(row.ts_ns);
+                let day = row.ts_ns / 86_400_000_000_000;
                 for s in &row.subjects {
-                    let sum = rollup
-                        .entry((s.as_str(), day.clone()))
-                        .or_insert(Amounts::ZERO);
+                    let sum = rollup.entry((s.as_str(), day)).or_insert(Amounts::ZERO);
                     for m in Metric::ALL {
                         sum.set(m, sum.get(m).saturating_add(row.amounts.get(m)));
                     }
@@ -470,6 +469,7 @@ impl Db {
             }
         }
         for ((subject, day), a) in rollup {
+            let day = utc_day(day * 86_400_000_000_000);
             sqlx::query(
                 "INSERT INTO spend_daily (subject, day, requests, tokens, input_tokens, output_tokens, cost_micros)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)

@@ -33,14 +33,34 @@ fn headers(
     remaining: u64,
     reset: u64,
 ) -> Vec<(&'static str, String)> {
-    let name = format!("{metric}-{window}");
-    let w = window_secs(window);
+    // Built by hand: these are on every answer.
+    let mut num = itoa::Buffer::new();
+    let name = {
+        let mut n = String::with_capacity(24);
+        n.push('"');
+        n.push_str(metric);
+        n.push('-');
+        n.push_str(&crate::wire::window_name(window));
+        n.push('"');
+        n
+    };
+    let mut policy = String::with_capacity(48);
+    policy.push_str(&name);
+    policy.push_str(";q=");
+    policy.push_str(num.format(limit));
+    policy.push_str(";w=");
+    policy.push_str(num.format(window_secs(window)));
+    let mut current = name;
+    current.push_str(";r=");
+    current.push_str(num.format(remaining));
+    current.push_str(";t=");
+    current.push_str(num.format(reset));
     vec![
-        ("ratelimit-policy", format!("\"{name}\";q={limit};w={w}")),
-        ("ratelimit", format!("\"{name}\";r={remaining};t={reset}")),
-        ("x-ratelimit-limit", limit.to_string()),
-        ("x-ratelimit-remaining", remaining.to_string()),
-        ("x-ratelimit-reset", reset.to_string()),
+        ("ratelimit-policy", policy),
+        ("ratelimit", current),
+        ("x-ratelimit-limit", num.format(limit).to_owned()),
+        ("x-ratelimit-remaining", num.format(remaining).to_owned()),
+        ("x-ratelimit-reset", num.format(reset).to_owned()),
     ]
 }
 

@@ -323,7 +323,18 @@ pub fn policy_json(subject: &str, body: &PolicyBody, policy: &Policy, updated_ns
 /// fraction (trailing zeros trimmed) when there is one. Hand-rolled: it is on
 /// every decision's answer (civil date from days per H. Hinnant's algorithm).
 pub fn rfc3339(ns: u64) -> String {
-    use std::fmt::Write;
+    fn digits(out: &mut Vec<u8>, v: u64, width: usize) {
+        let mut buf = [b'0'; 20];
+        let mut v = v;
+        let mut i = buf.len();
+        while v > 0 {
+            i -= 1;
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        let start = (buf.len() - width).min(i);
+        out.extend_from_slice(&buf[start..]);
+    }
     let secs = ns / 1_000_000_000;
     let frac = ns % 1_000_000_000;
     let days = (secs / 86_400) as i64;
@@ -337,24 +348,30 @@ pub fn rfc3339(ns: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let mut out = String::with_capacity(32);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    );
+    let mut out = Vec::with_capacity(32);
+    digits(&mut out, u64::try_from(year).unwrap_or(0), 4);
+    out.push(b'-');
+    digits(&mut out, u64::try_from(month).unwrap_or(0), 2);
+    out.push(b'-');
+    digits(&mut out, u64::try_from(day).unwrap_or(0), 2);
+    out.push(b'T');
+    digits(&mut out, rem / 3_600, 2);
+    out.push(b':');
+    digits(&mut out, rem % 3_600 / 60, 2);
+    out.push(b':');
+    digits(&mut out, rem % 60, 2);
     if frac != 0 {
-        let mut digits = format!("{frac:09}");
-        while digits.ends_with('0') {
-            digits.pop();
+        let mut f = frac;
+        let mut width = 9;
+        while f % 10 == 0 {
+            f /= 10;
+            width -= 1;
         }
-        out.push('.');
-        out.push_str(&digits);
+        out.push(b'.');
+        digits(&mut out, f, width);
     }
-    out.push('Z');
-    out
+    out.push(b'Z');
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// A window's name, without allocating for calendar windows.
