@@ -276,7 +276,10 @@ impl Db {
                 LedgerSync::Always => SqliteSynchronous::Full,
             })
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // 16 MiB of page cache per connection: the ledger's B-tree pages stay warm.
+            .pragma("cache_size", "-16384")
+            .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
