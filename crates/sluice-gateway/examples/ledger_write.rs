@@ -1,11 +1,12 @@
 //! How long the ledger takes per row: writes batches of check rows through
-//! `Db::write_batch` as the writer does, and prints µs per row.
+//! the writer's `SqliteSink`, as the writer thread does, and prints µs per row.
 //!
 //! `cargo run --release -p sluice-gateway --example ledger_write -- [ROWS] [BATCH]`
 
 use sluice_core::Amounts;
 use sluice_gateway::LedgerSync;
 use sluice_gateway::db::{Db, LedgerRow, RowKind};
+use sluice_gateway::ledger::SqliteSink;
 
 #[allow(clippy::disallowed_methods)] // a benchmark measures real time
 #[tokio::main(flavor = "current_thread")]
@@ -16,6 +17,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("sluice-ledger-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let db = Db::open(&dir, LedgerSync::Batch).await?;
+    let mut sink = SqliteSink::open(&Db::path(&dir), LedgerSync::Batch)?;
     let row = |i: usize| LedgerRow {
         ts_ns: 1_800_000_000_000_000_000 + i as u64 * 20_000,
         kind: RowKind::Check,
@@ -32,7 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut i = 0;
     while i < rows {
         let chunk: Vec<LedgerRow> = (i..(i + batch).min(rows)).map(row).collect();
-        db.write_batch(&chunk, &[]).await?;
+        sink.write(&chunk, &[])?;
         i += batch;
     }
     let secs = start.elapsed().as_secs_f64();

@@ -2,7 +2,6 @@
 //! append-only usage ledger, daily spend roll-ups and idempotency records.
 //! Schema changes are versioned migrations, applied in order at start.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -73,37 +72,6 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     );
     CREATE INDEX idempotency_created ON idempotency (created_ns);",
 )];
-
-/// Rows per multi-row INSERT, largest first (14 parameters a row; SQLite
-/// allows 32766 per statement).
-const INSERT_CHUNKS: [usize; 4] = [256, 32, 4, 1];
-
-fn insert_sql(n: usize) -> &'static str {
-    static SQL: std::sync::OnceLock<Vec<(usize, String)>> = std::sync::OnceLock::new();
-    let all = SQL.get_or_init(|| {
-        INSERT_CHUNKS
-            .iter()
-            .map(|&n| {
-                let values: Vec<String> = (0..n)
-                    // Positional `?`: sqlx-sqlite looks each `$N` up by name,
-                    // which is quadratic in the number of parameters.
-                    .map(|_| format!("({})", ["?"; 14].join(", ")))
-                    .collect();
-                (
-                    n,
-                    format!(
-                        "INSERT INTO ledger (ts_ns, kind, reservation, subjects, requests, tokens, input_tokens, \
-                         output_tokens, cost_micros, held, reserved_ns, caller, request_id, detail) VALUES {}",
-                        values.join(", ")
-                    ),
-                )
-            })
-            .collect()
-    });
-    all.iter()
-        .find(|(m, _)| *m == n)
-        .map_or("", |(_, s)| s.as_str())
-}
 
 /// What a ledger row records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,9 +232,14 @@ pub struct Db {
 }
 
 impl Db {
+    /// The database file in a data directory.
+    pub fn path(dir: &Path) -> std::path::PathBuf {
+        dir.join("sluice.db")
+    }
+
     /// Open (creating) `DIR/sluice.db` and apply migrations.
     pub async fn open(dir: &Path, sync: LedgerSync) -> Result<Db, DbError> {
-        let path = dir.join("sluice.db");
+        let path = Db::path(dir);
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(&path)
             .create_if_missing(true)
@@ -412,103 +385,6 @@ impl Db {
                 .execute(&self.pool)
                 .await?;
         Ok(r.rows_affected() > 0)
-    }
-
-    /// Write ledger rows and idempotency records in one transaction, and
-    /// roll spend up per subject and UTC day.
-    pub async fn write_batch(&self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), DbError> {
-        let mut tx = self.pool.begin().await?;
-        // Keyed by the day number: the date string is made once per distinct day.
-        let mut rollup: HashMap<(&str, u64), Amounts> = HashMap::new();
-        // Multi-row INSERTs in a few fixed sizes: one statement per chunk
-        // instead of per row (each statement is a round trip to the driver's
-        // thread), and few distinct statements to prepare and cache.
-        let mut rest = rows;
-        while !rest.is_empty() {
-            let n = INSERT_CHUNKS
-                .iter()
-                .copied()
-                .find(|&n| n <= rest.len())
-                .unwrap_or(1);
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
-            let subjects: Vec<String> = chunk
-                .iter()
-                .map(|row| serde_json::to_string(&row.subjects).unwrap_or_else(|_| "[]".into()))
-                .collect();
-            let held: Vec<Option<String>> = chunk
-                .iter()
-                .map(|r| r.held.as_ref().map(amounts_text))
-                .collect();
-            let mut q = sqlx::query(insert_sql(n));
-            for ((row, subjects), held) in chunk.iter().zip(&subjects).zip(&held) {
-                q = q
-                    .bind(to_i64(row.ts_ns))
-                    .bind(row.kind.name())
-                    .bind(row.reservation.as_deref())
-                    .bind(subjects.as_str())
-                    .bind(to_i64(row.amounts.get(Metric::Requests)))
-                    .bind(to_i64(row.amounts.get(Metric::Tokens)))
-                    .bind(to_i64(row.amounts.get(Metric::InputTokens)))
-                    .bind(to_i64(row.amounts.get(Metric::OutputTokens)))
-                    .bind(to_i64(row.amounts.get(Metric::CostUsd)))
-                    .bind(held.as_deref())
-                    .bind(row.reserved_ns.map(to_i64))
-                    .bind(row.caller.as_str())
-                    .bind(row.request_id.as_deref())
-                    .bind(row.detail.as_deref());
-            }
-            q.execute(&mut *tx).await?;
-        }
-        for row in rows {
-            if row.kind.is_spend() && row.amounts != Amounts::ZERO {
-                let day = row.ts_ns / 86_400_000_000_000;
-                for s in &row.subjects {
-                    let sum = rollup.entry((s.as_str(), day)).or_insert(Amounts::ZERO);
-                    for m in Metric::ALL {
-                        sum.set(m, sum.get(m).saturating_add(row.amounts.get(m)));
-                    }
-                }
-            }
-        }
-        for ((subject, day), a) in rollup {
-            let day = utc_day(day * 86_400_000_000_000);
-            sqlx::query(
-                "INSERT INTO spend_daily (subject, day, requests, tokens, input_tokens, output_tokens, cost_micros)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (subject, day) DO UPDATE SET
-                   requests = spend_daily.requests + excluded.requests,
-                   tokens = spend_daily.tokens + excluded.tokens,
-                   input_tokens = spend_daily.input_tokens + excluded.input_tokens,
-                   output_tokens = spend_daily.output_tokens + excluded.output_tokens,
-                   cost_micros = spend_daily.cost_micros + excluded.cost_micros",
-            )
-            .bind(subject)
-            .bind(day)
-            .bind(to_i64(a.get(Metric::Requests)))
-            .bind(to_i64(a.get(Metric::Tokens)))
-            .bind(to_i64(a.get(Metric::InputTokens)))
-            .bind(to_i64(a.get(Metric::OutputTokens)))
-            .bind(to_i64(a.get(Metric::CostUsd)))
-            .execute(&mut *tx)
-            .await?;
-        }
-        for r in idem {
-            sqlx::query(
-                "INSERT INTO idempotency (scope, created_ns, fingerprint, status, headers, body)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope) DO NOTHING",
-            )
-            .bind(&r.scope)
-            .bind(to_i64(r.created_ns))
-            .bind(&r.fingerprint)
-            .bind(i64::from(r.status))
-            .bind(&r.headers)
-            .bind(&r.body)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Ledger rows at or after `since_ns`, in the order written.

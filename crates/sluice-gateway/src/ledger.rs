@@ -1,5 +1,5 @@
 //! The ledger writer: rows are queued by request handlers and written by one
-//! task in transactions (group commit). In `batch` mode the writer gathers
+//! thread, with its own SQLite connection, in transactions (group commit). In `batch` mode the writer gathers
 //! rows for `ledger_batch_ms` (default 10 ms) after the first one, then writes
 //! them all, so a row reaches disk at most that long plus one write after it
 //! is acknowledged; in `always` mode the handler waits for the transaction
@@ -17,7 +17,9 @@ use crate::server::SharedClock;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::LedgerSync;
-use crate::db::{Db, IdemRow, LedgerRow};
+use sluice_core::Metric;
+
+use crate::db::{IdemRow, LedgerRow};
 
 /// Rows that may wait in the queue before handlers wait for room.
 pub const QUEUE: usize = 65_536;
@@ -64,21 +66,31 @@ impl std::fmt::Debug for Msg {
 }
 
 impl Ledger {
-    /// Start the writer task on `db`.
-    pub fn start(db: Db, sync: LedgerSync, gather: Duration, clock: SharedClock) -> Ledger {
+    /// Start the writer thread on the database file `path` (already migrated).
+    pub fn start(
+        path: &std::path::Path,
+        sync: LedgerSync,
+        gather: Duration,
+        clock: SharedClock,
+    ) -> Result<Ledger, rusqlite::Error> {
+        let sink = SqliteSink::open(path, sync)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(LedgerStats::default());
         let gather = match sync {
             LedgerSync::Batch => gather,
             LedgerSync::Always => Duration::ZERO,
         };
-        tokio::spawn(writer(db, rx, gather, Arc::clone(&stats), clock.clone()));
-        Ledger {
+        let (st, ck) = (Arc::clone(&stats), clock.clone());
+        std::thread::Builder::new()
+            .name("sluice-ledger".into())
+            .spawn(move || writer(sink, rx, gather, &st, &ck))
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        Ok(Ledger {
             tx,
             sync,
             clock,
             stats,
-        }
+        })
     }
 
     /// Queue rows (and an idempotency record, written in the same
@@ -117,17 +129,142 @@ impl Ledger {
     }
 }
 
-async fn writer(
-    db: Db,
+/// Writes ledger batches to SQLite through one connection of its own:
+/// prepared statements, one transaction per batch.
+#[derive(Debug)]
+pub struct SqliteSink {
+    conn: rusqlite::Connection,
+}
+
+const INSERT_ROW: &str = "INSERT INTO ledger (ts_ns, kind, reservation, subjects, requests, tokens, \
+    input_tokens, output_tokens, cost_micros, held, reserved_ns, caller, request_id, detail) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+
+const UPSERT_SPEND: &str = "INSERT INTO spend_daily (subject, day, requests, tokens, input_tokens, \
+    output_tokens, cost_micros) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+    ON CONFLICT (subject, day) DO UPDATE SET \
+    requests = spend_daily.requests + excluded.requests, \
+    tokens = spend_daily.tokens + excluded.tokens, \
+    input_tokens = spend_daily.input_tokens + excluded.input_tokens, \
+    output_tokens = spend_daily.output_tokens + excluded.output_tokens, \
+    cost_micros = spend_daily.cost_micros + excluded.cost_micros";
+
+const INSERT_IDEM: &str = "INSERT INTO idempotency (scope, created_ns, fingerprint, status, headers, body) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (scope) DO NOTHING";
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl SqliteSink {
+    /// Open the (migrated) database file for writing.
+    pub fn open(path: &std::path::Path, sync: LedgerSync) -> Result<SqliteSink, rusqlite::Error> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match sync {
+                LedgerSync::Batch => "NORMAL",
+                LedgerSync::Always => "FULL",
+            },
+        )?;
+        conn.pragma_update(None, "cache_size", -16_384)?;
+        conn.set_prepared_statement_cache_capacity(16);
+        Ok(SqliteSink { conn })
+    }
+
+    /// Write rows and idempotency records in one transaction, rolling spend
+    /// up per subject and UTC day.
+    pub fn write(&mut self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), rusqlite::Error> {
+        let tx = self.conn.transaction()?;
+        let mut rollup: std::collections::HashMap<(&str, u64), sluice_core::Amounts> =
+            std::collections::HashMap::new();
+        {
+            let mut insert = tx.prepare_cached(INSERT_ROW)?;
+            let mut subjects = String::new();
+            for row in rows {
+                subjects.clear();
+                subjects.push('[');
+                for (i, s) in row.subjects.iter().enumerate() {
+                    if i > 0 {
+                        subjects.push(',');
+                    }
+                    // Subjects hold no quotes, backslashes or control characters.
+                    subjects.push('"');
+                    subjects.push_str(s);
+                    subjects.push('"');
+                }
+                subjects.push(']');
+                let a = &row.amounts;
+                insert.execute(rusqlite::params![
+                    i64_of(row.ts_ns),
+                    row.kind.name(),
+                    row.reservation.as_deref(),
+                    subjects.as_str(),
+                    i64_of(a.get(Metric::Requests)),
+                    i64_of(a.get(Metric::Tokens)),
+                    i64_of(a.get(Metric::InputTokens)),
+                    i64_of(a.get(Metric::OutputTokens)),
+                    i64_of(a.get(Metric::CostUsd)),
+                    row.held.as_ref().map(crate::db::amounts_text),
+                    row.reserved_ns.map(i64_of),
+                    row.caller.as_str(),
+                    row.request_id.as_deref(),
+                    row.detail.as_deref(),
+                ])?;
+                if row.kind.is_spend() && row.amounts != sluice_core::Amounts::ZERO {
+                    let day = row.ts_ns / 86_400_000_000_000;
+                    for s in &row.subjects {
+                        let sum = rollup
+                            .entry((s.as_str(), day))
+                            .or_insert(sluice_core::Amounts::ZERO);
+                        for m in Metric::ALL {
+                            sum.set(m, sum.get(m).saturating_add(row.amounts.get(m)));
+                        }
+                    }
+                }
+            }
+            let mut upsert = tx.prepare_cached(UPSERT_SPEND)?;
+            for ((subject, day), a) in &rollup {
+                upsert.execute(rusqlite::params![
+                    subject,
+                    crate::db::utc_day(day * 86_400_000_000_000),
+                    i64_of(a.get(Metric::Requests)),
+                    i64_of(a.get(Metric::Tokens)),
+                    i64_of(a.get(Metric::InputTokens)),
+                    i64_of(a.get(Metric::OutputTokens)),
+                    i64_of(a.get(Metric::CostUsd)),
+                ])?;
+            }
+            let mut idem_insert = tx.prepare_cached(INSERT_IDEM)?;
+            for r in idem {
+                idem_insert.execute(rusqlite::params![
+                    r.scope,
+                    i64_of(r.created_ns),
+                    r.fingerprint,
+                    i64::from(r.status),
+                    r.headers,
+                    r.body,
+                ])?;
+            }
+        }
+        tx.commit()
+    }
+}
+
+fn writer(
+    mut sink: SqliteSink,
     mut rx: mpsc::Receiver<Msg>,
     gather: Duration,
-    stats: Arc<LedgerStats>,
-    clock: SharedClock,
+    stats: &LedgerStats,
+    clock: &SharedClock,
 ) {
     let mut rows = Vec::new();
     let mut idem = Vec::new();
     let mut acks = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         let mut oldest = u64::MAX;
         let mut take = |msg: Msg,
                         rows: &mut Vec<LedgerRow>,
@@ -149,10 +286,9 @@ async fn writer(
         let flush = matches!(first, Msg::Flush(_));
         take(first, &mut rows, &mut idem, &mut acks);
         if !gather.is_zero() && !flush {
-            // Gather by sleeping, then drain: the task is not woken once per
-            // row (tens of thousands of wake-ups a second under load), and a
-            // transaction carries a whole interval's rows.
-            tokio::time::sleep(gather).await;
+            // Gather by sleeping, then drain: one transaction carries a whole
+            // interval's rows, and nothing is woken once per row.
+            std::thread::sleep(gather);
         }
         while rows.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -162,20 +298,15 @@ async fn writer(
         }
         if !rows.is_empty() || !idem.is_empty() {
             let mut backoff = Duration::from_millis(50);
-            loop {
-                match db.write_batch(&rows, &idem).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        stats.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(
-                            "ledger write of {} rows failed, retrying in {:?}: {e}",
-                            rows.len(),
-                            backoff
-                        );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
+            while let Err(e) = sink.write(&rows, &idem) {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "ledger write of {} rows failed, retrying in {:?}: {e}",
+                    rows.len(),
+                    backoff
+                );
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             let n = rows.len() as u64;
             stats.pending.fetch_sub(n, Ordering::Relaxed);

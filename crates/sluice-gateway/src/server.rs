@@ -264,11 +264,12 @@ impl Gateway {
             );
         }
         let ledger = Ledger::start(
-            db.clone(),
+            &Db::path(&config.data_dir),
             config.ledger_sync,
             config.ledger_batch,
             clock.clone(),
-        );
+        )
+        .map_err(|e| StartError::Io(format!("cannot open the ledger for writing: {e}")))?;
         let idempotency = Arc::new(Idempotency::default());
         let now = clock.now();
         idempotency.load(
