@@ -209,6 +209,21 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// The five amount columns of a ledger or spend row.
+fn amounts_of(r: &sqlx::sqlite::SqliteRow) -> Result<Amounts, sqlx::Error> {
+    let mut amounts = Amounts::ZERO;
+    for (m, col) in [
+        (Metric::Requests, "requests"),
+        (Metric::Tokens, "tokens"),
+        (Metric::InputTokens, "input_tokens"),
+        (Metric::OutputTokens, "output_tokens"),
+        (Metric::CostUsd, "cost_micros"),
+    ] {
+        amounts.set(m, to_u64(r.try_get(col)?));
+    }
+    Ok(amounts)
+}
+
 /// `"r,t,ti,to,c"`.
 pub fn amounts_text(a: &Amounts) -> String {
     Metric::ALL
@@ -439,16 +454,7 @@ impl Db {
             };
             let subjects: String = r.try_get("subjects")?;
             let held: Option<String> = r.try_get("held")?;
-            let mut amounts = Amounts::ZERO;
-            for (m, col) in [
-                (Metric::Requests, "requests"),
-                (Metric::Tokens, "tokens"),
-                (Metric::InputTokens, "input_tokens"),
-                (Metric::OutputTokens, "output_tokens"),
-                (Metric::CostUsd, "cost_micros"),
-            ] {
-                amounts.set(m, to_u64(r.try_get(col)?));
-            }
+            let amounts = amounts_of(&r)?;
             out.push(LedgerRow {
                 ts_ns: to_u64(r.try_get("ts_ns")?),
                 kind,
@@ -491,16 +497,7 @@ impl Db {
         .bind(to.unwrap_or("9999-99-99"))
         .fetch_one(&self.pool)
         .await?;
-        let mut amounts = Amounts::ZERO;
-        for (m, col) in [
-            (Metric::Requests, "requests"),
-            (Metric::Tokens, "tokens"),
-            (Metric::InputTokens, "input_tokens"),
-            (Metric::OutputTokens, "output_tokens"),
-            (Metric::CostUsd, "cost_micros"),
-        ] {
-            amounts.set(m, to_u64(r.try_get(col)?));
-        }
+        let amounts = amounts_of(&r)?;
         Ok(Spend { amounts })
     }
 

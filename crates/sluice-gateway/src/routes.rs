@@ -496,6 +496,30 @@ fn subject_strings(subjects: &[Subject]) -> Vec<String> {
     subjects.iter().map(|s| s.as_str().to_owned()).collect()
 }
 
+/// A ledger row for amounts taken at once (a check or an intent).
+fn spend_row(
+    kind: RowKind,
+    now: Timestamp,
+    subjects: &[Subject],
+    amounts: Amounts,
+    caller: &str,
+    request_id: Option<String>,
+    detail: Option<String>,
+) -> LedgerRow {
+    LedgerRow {
+        ts_ns: now.as_nanos(),
+        kind,
+        reservation: None,
+        subjects: subject_strings(subjects),
+        amounts,
+        held: None,
+        reserved_ns: None,
+        caller: caller.to_owned(),
+        request_id,
+        detail,
+    }
+}
+
 fn trace_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get("x-trace-id")
@@ -540,18 +564,15 @@ async fn check(State(st): St, request: axum::extract::Request) -> Response {
                         allowed: true,
                         limits: statuses_json(&statuses, &subjects, now),
                     };
-                    let row = LedgerRow {
-                        ts_ns: now.as_nanos(),
-                        kind: RowKind::Check,
-                        reservation: None,
-                        subjects: subject_strings(&subjects),
+                    let row = spend_row(
+                        RowKind::Check,
+                        now,
+                        &subjects,
                         amounts,
-                        held: None,
-                        reserved_ns: None,
-                        caller: who.clone(),
-                        request_id: trace.clone(),
-                        detail: None,
-                    };
+                        &who,
+                        trace.clone(),
+                        None,
+                    );
                     Ok((
                         Reply::json(StatusCode::OK, &body)
                             .with_headers(ratelimit::allowed(&statuses, now)),
@@ -1223,25 +1244,21 @@ async fn intent(State(st): St, request: axum::extract::Request) -> Response {
                         to_agent: subjects[0].as_str(),
                         limits: statuses_json(&statuses, &subjects, now),
                     };
-                    let row = LedgerRow {
-                        ts_ns: now.as_nanos(),
-                        kind: RowKind::Intent,
-                        reservation: None,
-                        subjects: subject_strings(&subjects),
+                    let detail = json!({
+                        "intent_type": intent_type,
+                        "correlation_id": correlation,
+                        "trace_id": trace,
+                    })
+                    .to_string();
+                    let row = spend_row(
+                        RowKind::Intent,
+                        now,
+                        &subjects,
                         amounts,
-                        held: None,
-                        reserved_ns: None,
-                        caller: who.clone(),
-                        request_id: Some(intent_id.clone()),
-                        detail: Some(
-                            json!({
-                                "intent_type": intent_type,
-                                "correlation_id": correlation,
-                                "trace_id": trace,
-                            })
-                            .to_string(),
-                        ),
-                    };
+                        &who,
+                        Some(intent_id.clone()),
+                        Some(detail),
+                    );
                     Ok((
                         Reply::json(StatusCode::OK, &body)
                             .with_headers(ratelimit::allowed(&statuses, now)),
