@@ -144,16 +144,6 @@ fn field_of(path: &str, message: &str) -> Option<String> {
     }
 }
 
-/// Read and parse a JSON body.
-pub async fn read<T: DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(T, Bytes), ApiError> {
-    let bytes = read_body(headers, body).await?;
-    let value = parse(&bytes)?;
-    Ok((value, bytes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

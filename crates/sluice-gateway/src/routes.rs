@@ -27,7 +27,7 @@ use crate::ratelimit;
 use crate::reservations::{Meta, Parsed};
 use crate::server::{AppState, StoredPolicy};
 use crate::wire::{
-    AmountsBody, CheckBody, CommitBody, LimitBody, PolicyBody, ReserveBody, StatusOut,
+    self, AmountsBody, CheckBody, CommitBody, LimitBody, PolicyBody, ReserveBody, StatusOut,
     amounts_json, metric_value, parse_subjects, policy_json, rfc3339, status_out,
 };
 
@@ -350,10 +350,6 @@ fn amounts_or_one(a: Option<&AmountsBody>) -> Result<Amounts, ApiError> {
     }
 }
 
-fn window_name(w: Window) -> String {
-    w.to_string()
-}
-
 /// A refusal: 429 with the exact wait, or 422 when no wait can help.
 fn denial_error(d: &Denial, subjects: &[Subject]) -> (ApiError, Outcome) {
     let subject = subjects.get(d.subject).map(Subject::as_str).unwrap_or("");
@@ -368,7 +364,7 @@ fn denial_error(d: &Denial, subjects: &[Subject]) -> (ApiError, Outcome) {
                         "{subject} reached its {} limit of {} per {}; retry in {secs}s",
                         d.metric.name(),
                         metric_value(d.metric, d.limit),
-                        window_name(d.window)
+                        wire::window_name(d.window)
                     ),
                 )
                 .with("retry_after_s", Value::from(secs))
@@ -398,7 +394,10 @@ fn denial_error(d: &Denial, subjects: &[Subject]) -> (ApiError, Outcome) {
     e = e
         .with("subject", Value::from(subject))
         .with("metric", Value::from(d.metric.name()))
-        .with("window", Value::from(window_name(d.window)))
+        .with(
+            "window",
+            Value::from(wire::window_name(d.window).into_owned()),
+        )
         .with("limit", metric_value(d.metric, d.limit));
     for (k, v) in ratelimit::denied(d) {
         if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {

@@ -21,7 +21,7 @@ use crate::db::{Db, DbError, LedgerRow, RowKind};
 use crate::idempotency::Idempotency;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::reservations::{Parsed, Reservations};
+use crate::reservations::Reservations;
 use crate::wire::{Action, PolicyBody};
 
 /// A shared clock (the system clock in service, a manual one in tests).
@@ -514,9 +514,4 @@ async fn prune(state: Arc<AppState>) {
         }
         state.limiter.sweep();
     }
-}
-
-/// Parse a reservation id from the path, for settle handlers.
-pub fn parse_reservation(state: &AppState, public: &str) -> Option<Parsed> {
-    state.reservations.parse(public)
 }
