@@ -1,9 +1,7 @@
 //! An in-process gateway on 127.0.0.1:0 with a manual clock and its own data directory.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, header::HeaderMap};
@@ -17,29 +15,7 @@ pub const ADMIN: &str = "test-admin-key-0123456789abcdef";
 /// 2027-01-15T08:00:00Z.
 pub const T0: u64 = 1_800_000_000 * 1_000_000_000;
 
-static N: AtomicU64 = AtomicU64::new(0);
-
-/// A fresh, empty data directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "sluice-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use sluice_test_support::TempDir;
 
 pub struct Server {
     pub url: String,
