@@ -2,6 +2,8 @@
 //! here is a test failure, so panicking is the right answer.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod upstream;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 

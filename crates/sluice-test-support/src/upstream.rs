@@ -1,0 +1,340 @@
+//! A fake LLM provider on 127.0.0.1:0 that speaks both wires: OpenAI
+//! (`POST /v1/chat/completions`, streaming or not) and Anthropic
+//! (`POST /v1/messages`, streaming or not). Usage is fixed per server and can
+//! be changed; each request's behaviour can be scripted (429 with retry
+//! headers, 500, a stream that breaks after N chunks); chunks can be delayed.
+//! It counts and keeps every request it receives.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// What one request gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    /// A normal answer.
+    Ok,
+    /// 429 with these retry hints (`retry-after` seconds, `retry-after-ms`).
+    TooMany {
+        /// `retry-after`, seconds.
+        retry_after_s: Option<u64>,
+        /// `retry-after-ms`.
+        retry_after_ms: Option<u64>,
+    },
+    /// 500.
+    ServerError,
+    /// A stream that stops (connection dropped) after this many content chunks;
+    /// a non-streaming request gets its body cut short.
+    Disconnect {
+        /// Content chunks sent before the break.
+        after_chunks: usize,
+    },
+}
+
+/// Token counts the fake reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Input (prompt) tokens, cached ones included.
+    pub input: u64,
+    /// Of which read from the prompt cache.
+    pub cached: u64,
+    /// Output (completion) tokens.
+    pub output: u64,
+}
+
+/// A request the fake received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// `openai` or `anthropic`.
+    pub wire: &'static str,
+    /// Its headers.
+    pub headers: HeaderMap,
+    /// Its JSON body.
+    pub body: Value,
+}
+
+#[derive(Debug)]
+struct Inner {
+    usage: Usage,
+    chunks: Vec<String>,
+    delay: Duration,
+    script: VecDeque<Script>,
+    received: Vec<Received>,
+}
+
+/// The fake provider.
+#[derive(Debug)]
+pub struct FakeUpstream {
+    /// `http://127.0.0.1:PORT/v1`: what a provider's `base_url` is set to.
+    pub base_url: String,
+    inner: Arc<Mutex<Inner>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl FakeUpstream {
+    /// Start one; usage defaults to 12 in (0 cached), 5 out; the answer is
+    /// "Hello from the fake" in 4 chunks.
+    pub async fn start() -> FakeUpstream {
+        let inner = Arc::new(Mutex::new(Inner {
+            usage: Usage {
+                input: 12,
+                cached: 0,
+                output: 5,
+            },
+            chunks: ["Hello", " from", " the", " fake"]
+                .map(String::from)
+                .to_vec(),
+            delay: Duration::ZERO,
+            script: VecDeque::new(),
+            received: Vec::new(),
+        }));
+        let app = Router::new()
+            .route("/v1/chat/completions", post(openai_chat))
+            .route("/v1/messages", post(anthropic_messages))
+            .with_state(Arc::clone(&inner));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeUpstream {
+            base_url,
+            inner,
+            task,
+        }
+    }
+
+    /// Usage reported from now on.
+    pub fn set_usage(&self, usage: Usage) {
+        lock(&self.inner).usage = usage;
+    }
+
+    /// Delay before each streamed chunk.
+    pub fn set_chunk_delay(&self, delay: Duration) {
+        lock(&self.inner).delay = delay;
+    }
+
+    /// Behaviours for the next requests, in order (then `Ok`).
+    pub fn script(&self, steps: impl IntoIterator<Item = Script>) {
+        lock(&self.inner).script.extend(steps);
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        lock(&self.inner).received.len()
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.inner).received.clone()
+    }
+}
+
+type Shared = State<Arc<Mutex<Inner>>>;
+
+/// Record the request and pick its behaviour.
+fn begin(
+    inner: &Mutex<Inner>,
+    wire: &'static str,
+    headers: HeaderMap,
+    body: &Bytes,
+) -> (Script, Usage, Vec<String>, Duration, Value) {
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let mut g = lock(inner);
+    g.received.push(Received {
+        wire,
+        headers,
+        body: body.clone(),
+    });
+    let script = g.script.pop_front().unwrap_or(Script::Ok);
+    (script, g.usage, g.chunks.clone(), g.delay, body)
+}
+
+fn error_response(script: &Script, wire: &str) -> Option<Response> {
+    let (status, message) = match script {
+        Script::TooMany { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate limited by the fake"),
+        Script::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "the fake failed"),
+        _ => return None,
+    };
+    let body = if wire == "openai" {
+        json!({"error": {"message": message, "type": "fake_error", "code": null}})
+    } else {
+        json!({"type": "error", "error": {"type": "fake_error", "message": message}})
+    };
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    if let Script::TooMany {
+        retry_after_s,
+        retry_after_ms,
+    } = script
+    {
+        if let Some(s) = retry_after_s {
+            r.headers_mut()
+                .insert("retry-after", s.to_string().parse().unwrap());
+        }
+        if let Some(ms) = retry_after_ms {
+            r.headers_mut()
+                .insert("retry-after-ms", ms.to_string().parse().unwrap());
+        }
+    }
+    Some(r)
+}
+
+/// Server-sent events, each after `delay`; `cut` stops the stream with an error after that many events.
+fn sse(events: Vec<String>, delay: Duration, cut: Option<usize>) -> Response {
+    // State: the events left, how many were sent, whether the stream has ended.
+    let stream = futures_util::stream::unfold(
+        (events.into_iter(), 0usize, false),
+        move |(mut it, n, ended)| async move {
+            if ended {
+                return None;
+            }
+            if cut.is_some_and(|c| n >= c) {
+                // Pause first, so the server flushes what was sent before the break.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let broken = std::io::Error::other("fake upstream dropped the stream");
+                return Some((Err(broken), (it, n, true)));
+            }
+            let event = it.next()?;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Some((
+                Ok::<_, std::io::Error>(Bytes::from(event)),
+                (it, n + 1, false),
+            ))
+        },
+    );
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn openai_chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let (script, usage, chunks, delay, req) = begin(&inner, "openai", headers, &body);
+    if let Some(r) = error_response(&script, "openai") {
+        return r;
+    }
+    let model = req["model"].as_str().unwrap_or("fake-model").to_owned();
+    let usage_json = json!({
+        "prompt_tokens": usage.input,
+        "completion_tokens": usage.output,
+        "total_tokens": usage.input + usage.output,
+        "prompt_tokens_details": {"cached_tokens": usage.cached},
+    });
+    let cut = match script {
+        Script::Disconnect { after_chunks } => Some(after_chunks),
+        _ => None,
+    };
+    if req["stream"].as_bool() == Some(true) {
+        let mut events: Vec<String> = chunks
+            .iter()
+            .map(|c| {
+                let chunk = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": null}]});
+                format!("data: {chunk}\n\n")
+            })
+            .collect();
+        let done = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+        events.push(format!("data: {done}\n\n"));
+        if req["stream_options"]["include_usage"].as_bool() == Some(true) {
+            let u = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+                "choices": [], "usage": usage_json});
+            events.push(format!("data: {u}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".to_owned());
+        return sse(events, delay, cut);
+    }
+    let answer = json!({
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": chunks.concat()}, "finish_reason": "stop"}],
+        "usage": usage_json,
+    });
+    let text = answer.to_string();
+    match cut {
+        Some(_) => sse(
+            vec![text[..text.len() / 2].to_owned()],
+            Duration::ZERO,
+            Some(1),
+        ),
+        None => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+    }
+}
+
+async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let (script, usage, chunks, delay, req) = begin(&inner, "anthropic", headers, &body);
+    if let Some(r) = error_response(&script, "anthropic") {
+        return r;
+    }
+    let model = req["model"].as_str().unwrap_or("fake-model").to_owned();
+    let uncached = usage.input - usage.cached.min(usage.input);
+    let cut = match script {
+        Script::Disconnect { after_chunks } => Some(after_chunks + 2), // after message_start and content_block_start
+        _ => None,
+    };
+    if req["stream"].as_bool() == Some(true) {
+        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+        let mut events = vec![
+            ev(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
+                "model": model, "content": [], "stop_reason": null,
+                "usage": {"input_tokens": uncached, "cache_read_input_tokens": usage.cached, "output_tokens": 1}}}),
+            ),
+            ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+        ];
+        for c in &chunks {
+            events.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": c}})));
+        }
+        events.push(ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        events.push(ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": usage.output}})));
+        events.push(ev("message_stop", json!({"type": "message_stop"})));
+        return sse(events, delay, cut);
+    }
+    let answer = json!({
+        "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": chunks.concat()}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": uncached, "cache_read_input_tokens": usage.cached, "output_tokens": usage.output},
+    });
+    let text = answer.to_string();
+    match cut {
+        Some(_) => sse(
+            vec![text[..text.len() / 2].to_owned()],
+            Duration::ZERO,
+            Some(1),
+        ),
+        None => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+    }
+}
