@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod json;
 pub mod ledger;
 pub mod metrics;
+pub mod pricing;
 pub mod ratelimit;
 pub mod reservations;
 mod routes;
