@@ -58,6 +58,254 @@ pub struct FileConfig {
     pub max_lease_s: Option<f64>,
     /// How often expired leases are settled, in ms (default 1000).
     pub lease_check_ms: Option<u64>,
+    /// Upstream LLM providers for the proxy routes.
+    #[serde(default)]
+    pub providers: Vec<ProviderDef>,
+    /// Models clients may ask for.
+    #[serde(default)]
+    pub models: Vec<ModelDef>,
+    /// A LiteLLM-format price file (`model_prices_and_context_window.json`).
+    pub pricing_file: Option<PathBuf>,
+    /// Longest time one upstream call may take, in seconds (default 600).
+    pub upstream_timeout_s: Option<f64>,
+}
+
+/// `[[providers]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderDef {
+    /// Its name, referenced by models.
+    pub name: String,
+    /// Wire format: `openai` or `anthropic`.
+    pub format: String,
+    /// E.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Environment variable holding the upstream key.
+    pub api_key_env: Option<String>,
+}
+
+/// `[[models]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDef {
+    /// What clients ask for.
+    pub name: String,
+    /// A provider's name.
+    pub provider: String,
+    /// The provider's name for it (default: `name`).
+    pub upstream_name: Option<String>,
+    /// $ per million input tokens (overrides the price file and the built-in table).
+    pub input_usd_per_mtok: Option<f64>,
+    /// $ per million output tokens.
+    pub output_usd_per_mtok: Option<f64>,
+    /// $ per million cached input tokens.
+    pub cached_input_usd_per_mtok: Option<f64>,
+    /// The most output tokens one request may produce.
+    pub max_output_tokens: Option<u64>,
+    /// Models tried in order when this one's provider keeps failing.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+}
+
+/// A provider's wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// OpenAI's.
+    OpenAi,
+    /// Anthropic's.
+    Anthropic,
+}
+
+/// A checked provider.
+#[derive(Clone)]
+pub struct Provider {
+    /// Its name.
+    pub name: String,
+    /// Its wire.
+    pub wire: Wire,
+    /// Base URL without a trailing slash.
+    pub base_url: String,
+    /// The upstream key (never logged or sent to clients).
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("wire", &self.wire)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// A checked model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// What clients ask for.
+    pub name: String,
+    /// Index into [`Proxy::providers`].
+    pub provider: usize,
+    /// The provider's name for it.
+    pub upstream_name: String,
+    /// Its price.
+    pub price: crate::pricing::Price,
+    /// The most output tokens one request may produce.
+    pub max_output_tokens: u64,
+    /// Fallback models, in order.
+    pub fallbacks: Vec<String>,
+}
+
+/// The proxy's providers and models.
+#[derive(Debug, Clone, Default)]
+pub struct Proxy {
+    /// Providers.
+    pub providers: Vec<Provider>,
+    /// Models by name.
+    pub models: std::collections::BTreeMap<String, Model>,
+    /// Longest upstream call.
+    pub timeout: Duration,
+}
+
+fn resolve_proxy(
+    file: &FileConfig,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<Proxy, ConfigError> {
+    let mut providers: Vec<Provider> = Vec::new();
+    for (i, p) in file.providers.iter().enumerate() {
+        let key = |f: &str| format!("providers[{i}].{f}");
+        if p.name.is_empty() || providers.iter().any(|q| q.name == p.name) {
+            return Err(ConfigError::new(
+                &key("name"),
+                format!("must be a unique, non-empty name, got {:?}", p.name),
+            ));
+        }
+        let wire = match p.format.as_str() {
+            "openai" => Wire::OpenAi,
+            "anthropic" => Wire::Anthropic,
+            other => {
+                return Err(ConfigError::new(
+                    &key("format"),
+                    format!("expected \"openai\" or \"anthropic\", got {other:?}"),
+                ));
+            }
+        };
+        if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+            return Err(ConfigError::new(
+                &key("base_url"),
+                format!("expected an http:// or https:// URL, got {:?}", p.base_url),
+            ));
+        }
+        let api_key = match &p.api_key_env {
+            Some(var) => Some(env.get(var).filter(|v| !v.is_empty()).cloned().ok_or_else(
+                || {
+                    ConfigError::new(
+                        &key("api_key_env"),
+                        format!("the environment variable {var} is not set"),
+                    )
+                },
+            )?),
+            None => None,
+        };
+        providers.push(Provider {
+            name: p.name.clone(),
+            wire,
+            base_url: p.base_url.trim_end_matches('/').to_owned(),
+            api_key,
+        });
+    }
+    let file_prices = match &file.pricing_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(
+                    "pricing_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            crate::pricing::PriceTable::from_litellm_json(&text)
+                .map_err(|e| ConfigError::new("pricing_file", e))?
+        }
+        None => crate::pricing::PriceTable::default(),
+    };
+    let builtin = crate::pricing::PriceTable::builtin();
+    let mut models = std::collections::BTreeMap::new();
+    for (i, m) in file.models.iter().enumerate() {
+        let key = |f: &str| format!("models[{i}].{f}");
+        if m.name.is_empty() || models.contains_key(&m.name) {
+            return Err(ConfigError::new(
+                &key("name"),
+                format!("must be a unique, non-empty name, got {:?}", m.name),
+            ));
+        }
+        let provider = providers
+            .iter()
+            .position(|p| p.name == m.provider)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    &key("provider"),
+                    format!("no provider named {:?}", m.provider),
+                )
+            })?;
+        let upstream_name = m.upstream_name.clone().unwrap_or_else(|| m.name.clone());
+        let known = file_prices
+            .get(&upstream_name)
+            .or_else(|| builtin.get(&upstream_name));
+        let price = match (m.input_usd_per_mtok, m.output_usd_per_mtok) {
+            (Some(i), Some(o)) => {
+                let mut p = crate::pricing::Price::from_usd_per_mtok(i, o, m.cached_input_usd_per_mtok)
+                    .map_err(|e| ConfigError::new(&key("input_usd_per_mtok"), e))?;
+                p.max_output_tokens = known.and_then(|k| k.max_output_tokens);
+                p
+            }
+            (None, None) => known.ok_or_else(|| {
+                ConfigError::new(
+                    &key("input_usd_per_mtok"),
+                    format!("no price for {upstream_name:?}: set input_usd_per_mtok and output_usd_per_mtok, or add it to pricing_file"),
+                )
+            })?,
+            _ => {
+                return Err(ConfigError::new(&key("output_usd_per_mtok"), "set both input_usd_per_mtok and output_usd_per_mtok, or neither"));
+            }
+        };
+        let max_output_tokens = m.max_output_tokens.or(price.max_output_tokens).filter(|n| *n > 0).ok_or_else(|| {
+            ConfigError::new(&key("max_output_tokens"), format!("unknown for {upstream_name:?}: set it (the worst case of a request needs it)"))
+        })?;
+        models.insert(
+            m.name.clone(),
+            Model {
+                name: m.name.clone(),
+                provider,
+                upstream_name,
+                price,
+                max_output_tokens,
+                fallbacks: m.fallbacks.clone(),
+            },
+        );
+    }
+    for (i, m) in file.models.iter().enumerate() {
+        for f in &m.fallbacks {
+            let Some(fb) = models.get(f) else {
+                return Err(ConfigError::new(
+                    &format!("models[{i}].fallbacks"),
+                    format!("no model named {f:?}"),
+                ));
+            };
+            let wire = |name: &str| models.get(name).map(|x| providers[x.provider].wire);
+            if f == &m.name || wire(&fb.name) != wire(&m.name) {
+                return Err(ConfigError::new(
+                    &format!("models[{i}].fallbacks"),
+                    format!("{f:?} must be another model on the same wire format"),
+                ));
+            }
+        }
+    }
+    let timeout = seconds("upstream_timeout_s", file.upstream_timeout_s, 600.0)?;
+    Ok(Proxy {
+        providers,
+        models,
+        timeout,
+    })
 }
 
 /// Values from flags and the environment, laid over the file.
@@ -69,6 +317,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `SLUICE_ADMIN_KEY`.
     pub admin_key: Option<String>,
+    /// The environment, for providers' `api_key_env`.
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl Overrides {
@@ -79,6 +329,7 @@ impl Overrides {
             listen: get("SLUICE_LISTEN"),
             data_dir: get("SLUICE_DATA_DIR").map(PathBuf::from),
             admin_key: get("SLUICE_ADMIN_KEY"),
+            env: std::collections::BTreeMap::new(),
         }
     }
 
@@ -89,6 +340,11 @@ impl Overrides {
             listen: flags.listen.or(self.listen),
             data_dir: flags.data_dir.or(self.data_dir),
             admin_key: flags.admin_key.or(self.admin_key),
+            env: if flags.env.is_empty() {
+                self.env
+            } else {
+                flags.env
+            },
         }
     }
 }
@@ -123,6 +379,8 @@ pub struct Config {
     pub max_lease: Duration,
     /// How often leases are checked for expiry.
     pub lease_check: Duration,
+    /// LLM providers and models.
+    pub proxy: Proxy,
 }
 
 impl Default for Config {
@@ -138,6 +396,7 @@ impl Default for Config {
             default_lease: Duration::from_secs(300),
             max_lease: Duration::from_secs(3600),
             lease_check: Duration::from_secs(1),
+            proxy: Proxy::default(),
         })
     }
 }
@@ -195,6 +454,7 @@ impl FileConfig {
 impl Config {
     /// Check the file's values with the overrides laid over them.
     pub fn resolve(file: FileConfig, over: Overrides) -> Result<Config, ConfigError> {
+        let proxy = resolve_proxy(&file, &over.env)?;
         let listen_text = over
             .listen
             .or(file.listen)
@@ -275,6 +535,7 @@ impl Config {
             default_lease,
             max_lease,
             lease_check: Duration::from_millis(lease_check_ms),
+            proxy,
         })
     }
 
@@ -320,6 +581,88 @@ mod tests {
             ("lease_check_ms = \"fast\"", "lease_check_ms"),
         ] {
             let e = parse(text).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+    }
+
+    const PROVIDER: &str = "[[providers]]\nname = \"openai\"\nformat = \"openai\"\nbase_url = \"https://api.openai.com/v1\"\n";
+
+    #[test]
+    fn providers_and_models_resolve_with_builtin_or_configured_prices() {
+        let text = format!(
+            "{PROVIDER}[[models]]\nname = \"gpt-4o-mini\"\nprovider = \"openai\"\nfallbacks = [\"cheap\"]\n\
+             [[models]]\nname = \"cheap\"\nprovider = \"openai\"\nupstream_name = \"my-model\"\n\
+             input_usd_per_mtok = 0.5\noutput_usd_per_mtok = 1.5\nmax_output_tokens = 1000\n"
+        );
+        let c = parse(&text).unwrap();
+        let m = &c.proxy.models["gpt-4o-mini"];
+        assert_eq!(
+            (m.price.input, m.price.output, m.max_output_tokens),
+            (150_000, 600_000, 16_384)
+        );
+        let cheap = &c.proxy.models["cheap"];
+        assert_eq!(
+            (
+                cheap.upstream_name.as_str(),
+                cheap.price.input,
+                cheap.price.cached_input
+            ),
+            ("my-model", 500_000, 500_000)
+        );
+        assert_eq!(c.proxy.providers[0].wire, Wire::OpenAi);
+        assert!(!format!("{:?}", c.proxy.providers[0]).contains("sk-"));
+    }
+
+    #[test]
+    fn proxy_errors_name_the_key() {
+        let model = |extra: &str| {
+            format!("{PROVIDER}[[models]]\nname = \"m\"\nprovider = \"openai\"\n{extra}")
+        };
+        for (text, key) in [
+            (
+                PROVIDER.replace("\"openai\"\nbase", "\"grpc\"\nbase"),
+                "providers[0].format",
+            ),
+            (
+                PROVIDER.replace("https://", "ftp://"),
+                "providers[0].base_url",
+            ),
+            (
+                format!("{PROVIDER}api_key_env = \"SLUICE_TEST_UNSET_KEY\"\n"),
+                "providers[0].api_key_env",
+            ),
+            (format!("{PROVIDER}{PROVIDER}"), "providers[1].name"),
+            (
+                model("provider = \"x\"\n").replace("provider = \"openai\"\nprovider", "provider"),
+                "models[0].provider",
+            ),
+            (model(""), "models[0].input_usd_per_mtok"),
+            (
+                model("input_usd_per_mtok = 1.0\n"),
+                "models[0].output_usd_per_mtok",
+            ),
+            (
+                model("input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\n"),
+                "models[0].max_output_tokens",
+            ),
+            (
+                model(
+                    "input_usd_per_mtok = -1.0\noutput_usd_per_mtok = 2.0\nmax_output_tokens = 5\n",
+                ),
+                "models[0].input_usd_per_mtok",
+            ),
+            (
+                model(
+                    "input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\nmax_output_tokens = 5\nfallbacks = [\"nope\"]\n",
+                ),
+                "models[0].fallbacks",
+            ),
+            (
+                "pricing_file = \"/nonexistent/prices.json\"".to_owned(),
+                "pricing_file",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");
         }
     }

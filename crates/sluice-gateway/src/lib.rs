@@ -14,6 +14,7 @@ pub mod json;
 pub mod ledger;
 pub mod metrics;
 pub mod pricing;
+pub mod proxy;
 pub mod ratelimit;
 pub mod reservations;
 mod routes;

@@ -52,6 +52,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/keys/{id}", delete(revoke_key))
         .route("/v1/mesh/agents/{*rest}", get(mesh_get).put(mesh_put))
         .route("/v1/intents", post(intent))
+        .route("/v1/chat/completions", post(crate::proxy::openai_chat))
+        .route("/v1/models", get(crate::proxy::openai_models))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -83,6 +83,8 @@ pub struct AppState {
     pub config: Config,
     /// Intent id counter.
     pub intents: AtomicU64,
+    /// The proxy's client to upstream providers.
+    pub http: reqwest::Client,
 }
 
 impl AppState {
@@ -290,6 +292,13 @@ impl Gateway {
             idempotency,
             metrics: Metrics::default(),
             intents: AtomicU64::new(1),
+            http: reqwest::Client::builder()
+                .timeout(config.proxy.timeout)
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .map_err(|e| {
+                    StartError::Io(format!("cannot build the upstream HTTP client: {e}"))
+                })?,
             config,
             policies: RwLock::new(policies),
         });

@@ -122,7 +122,7 @@ impl Client {
             Some(p) => FileConfig::load(p).map_err(|e| e.to_string())?,
             None => FileConfig::default(),
         };
-        let env = Overrides::from_env(|k| std::env::var(k).ok());
+        let env = crate::process_env();
         let flags = Overrides {
             data_dir: opts.data_dir.clone(),
             ..Overrides::default()

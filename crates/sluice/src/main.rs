@@ -81,6 +81,14 @@ enum Command {
     },
 }
 
+/// `SLUICE_*` settings and the whole environment (for providers' `api_key_env`).
+pub fn process_env() -> Overrides {
+    Overrides {
+        env: std::env::vars().collect(),
+        ..Overrides::from_env(|k| std::env::var(k).ok())
+    }
+}
+
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("sluice: {e}");
     ExitCode::from(2)
@@ -127,11 +135,11 @@ async fn serve(
     config: Option<PathBuf>,
 ) -> ExitCode {
     init_logging();
-    let env = Overrides::from_env(|k| std::env::var(k).ok());
+    let env = process_env();
     let flags = Overrides {
         listen,
         data_dir,
-        admin_key: None,
+        ..Overrides::default()
     };
     let config = match Config::load(config.as_deref(), env.overlaid_with(flags)) {
         Ok(c) => c,
@@ -184,8 +192,7 @@ async fn serve(
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
-    let parsed = FileConfig::load(file)
-        .and_then(|f| Config::resolve(f, Overrides::from_env(|k| std::env::var(k).ok())));
+    let parsed = FileConfig::load(file).and_then(|f| Config::resolve(f, process_env()));
     match parsed {
         Ok(c) => {
             println!(

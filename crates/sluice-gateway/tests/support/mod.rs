@@ -45,6 +45,7 @@ pub fn config(dir: &TempDir, toml: &str) -> Config {
             listen: Some("127.0.0.1:0".into()),
             data_dir: Some(dir.0.clone()),
             admin_key: Some(ADMIN.into()),
+            env: [("FAKE_UPSTREAM_KEY".to_owned(), "upstream-secret".to_owned())].into(),
         },
     )
     .unwrap()

@@ -1,0 +1,425 @@
+//! The LLM proxy, OpenAI wire: `POST /v1/chat/completions` (non-streaming in
+//! this step) and `GET /v1/models`.
+//!
+//! One request: estimate the worst case (input tokens from the request's
+//! size, output tokens from `max_completion_tokens`/`max_tokens` or the
+//! model's maximum, priced exactly), reserve it on every subject (the key's
+//! own, `user:`/`session:` from `x-sluice-user`/`x-sluice-session`,
+//! `model:NAME`, `global`), forward with the server's upstream key, then
+//! commit what the upstream reports in `usage`. Every exit path settles: an
+//! upstream error or an unreachable upstream releases (nothing was served); a
+//! success without `usage` is charged the held worst case; a client that goes
+//! away leaves the lease to expire, which counts the held amounts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use sluice_core::{Amounts, DenialReason, Request, ReservationError, Subject};
+
+use crate::auth::Caller;
+use crate::config::{Model, Wire};
+use crate::db::{LedgerRow, RowKind};
+use crate::pricing::TokenUsage;
+use crate::ratelimit;
+use crate::reservations::Meta;
+use crate::server::AppState;
+
+/// The longest wait the official OpenAI SDK honours from `Retry-After`
+/// before falling back to its own backoff; beyond it we say `x-should-retry: false`.
+const SDK_MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+
+/// An OpenAI-shaped error.
+fn openai_error(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: impl Into<String>,
+) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "code": code, "param": null}});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A conservative input-token estimate: one token per two bytes of the
+/// request's messages as JSON (real tokenizers give about one per four bytes
+/// of English), plus a fixed overhead. An over-estimate only holds more for
+/// the request's duration; the commit charges the upstream's count.
+pub fn estimate_input_tokens(body: &Value) -> u64 {
+    let text = serde_json::to_string(&body["messages"]).unwrap_or_default();
+    let tools = body.get("tools").map_or(0, |t| t.to_string().len());
+    ((text.len() + tools) as u64).div_ceil(2) + 16
+}
+
+/// The output-token bound of a request: what it asks for, capped at the model's maximum.
+pub fn output_bound(body: &Value, model: &Model) -> u64 {
+    body.get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .map_or(model.max_output_tokens, |n| n.min(model.max_output_tokens))
+}
+
+/// The subjects a proxied request is counted against, or what is wrong with a header.
+fn subjects(caller: &Caller, headers: &HeaderMap, model: &str) -> Result<Vec<Subject>, String> {
+    let mut out = Vec::new();
+    if let Caller::Agent(k) = caller {
+        out.push(k.subject.clone());
+    }
+    for (header, kind) in [("x-sluice-user", "user"), ("x-sluice-session", "session")] {
+        if let Some(v) = headers.get(header) {
+            let text = format!("{kind}:{}", v.to_str().unwrap_or(""));
+            let s = Subject::parse(&text).map_err(|e| format!("{header}: {e}"))?;
+            out.push(s);
+        }
+    }
+    let model = Subject::parse(&format!("model:{model}")).map_err(|e| format!("model: {e}"))?;
+    out.push(model);
+    out.push(Subject::global());
+    Ok(out)
+}
+
+fn usage_of(v: &Value) -> Option<TokenUsage> {
+    let u = v.get("usage")?;
+    Some(TokenUsage {
+        input: u.get("prompt_tokens")?.as_u64()?,
+        cached_input: u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+        output: u.get("completion_tokens")?.as_u64()?,
+    })
+}
+
+fn amounts(model: &Model, usage: TokenUsage) -> Amounts {
+    Amounts::one_request()
+        .with_tokens(usage.input, usage.output)
+        .with_cost_micros(model.price.cost_micros(usage))
+}
+
+/// Settle a proxied reservation and write its ledger row: `Some(actual)` commits, `None` releases.
+async fn finish(
+    st: &AppState,
+    id: sluice_core::ReservationId,
+    actual: Option<Amounts>,
+    detail: Value,
+) {
+    let public = st.reservations.public_id(id);
+    let Some(meta) = st.reservations.take(id) else {
+        return; // the lease ran out and the expiry task recorded it
+    };
+    let outcome = match actual {
+        Some(a) => st.limiter.commit(id, &a).map(|_| ()),
+        None => st.limiter.release(id),
+    };
+    let (kind, amounts) = match (outcome, actual) {
+        (Ok(()), Some(a)) => (RowKind::Commit, a),
+        (Ok(()), None) => (RowKind::Release, Amounts::ZERO),
+        (Err(ReservationError::Expired(_) | ReservationError::Unknown(_)), _) => {
+            st.reservations.mark_expired(public.clone());
+            (RowKind::Expire, meta.held)
+        }
+    };
+    let row = LedgerRow {
+        ts_ns: st.now().as_nanos(),
+        kind,
+        reservation: Some(public),
+        subjects: meta.subjects,
+        amounts,
+        held: Some(meta.held),
+        reserved_ns: Some(meta.reserved_ns),
+        caller: meta.caller,
+        request_id: None,
+        detail: Some(detail.to_string()),
+    };
+    st.ledger.record(vec![row], None).await;
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn openai_chat(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let caller = match st.keys.authenticate(&headers) {
+        Ok(c) => c,
+        Err(e) => {
+            return openai_error(
+                e.status,
+                "invalid_request_error",
+                "invalid_api_key",
+                e.message,
+            );
+        }
+    };
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+                "the body must be a JSON object",
+            );
+        }
+        Err(e) => {
+            return openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+                format!("malformed JSON: {e}"),
+            );
+        }
+    };
+    let Some(name) = req["model"].as_str().map(str::to_owned) else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing_model",
+            "`model` is required",
+        );
+    };
+    let Some(model) = st.config.proxy.models.get(&name).cloned() else {
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("the model `{name}` is not configured on this gateway"),
+        );
+    };
+    let provider = st.config.proxy.providers[model.provider].clone();
+    if provider.wire != Wire::OpenAi {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "wrong_wire",
+            format!("`{name}` is served on the Anthropic wire: use /v1/messages"),
+        );
+    }
+    if req["stream"].as_bool() == Some(true) {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "unsupported",
+            "streaming through the proxy is not available yet",
+        );
+    }
+    let subjects = match subjects(&caller, &headers, &name) {
+        Ok(s) => s,
+        Err(e) => {
+            return openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_subject",
+                e,
+            );
+        }
+    };
+    let worst_usage = TokenUsage {
+        input: estimate_input_tokens(&req),
+        cached_input: 0,
+        output: output_bound(&req, &model),
+    };
+    let held = amounts(&model, worst_usage);
+    let lease = st.config.proxy.timeout + Duration::from_secs(60);
+    let now = st.now();
+    let reservation = match st
+        .limiter
+        .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease))
+    {
+        Ok(r) => r,
+        Err(d) => {
+            let subject = subjects.get(d.subject).map_or("", Subject::as_str);
+            let mut r = match d.reason {
+                DenialReason::RetryAfter(wait) => {
+                    let mut r = openai_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_exceeded",
+                        "rate_limit_exceeded",
+                        format!(
+                            "{subject} reached its {} limit per {}; retry in {}s",
+                            d.metric.name(),
+                            crate::wire::window_name(d.window),
+                            ratelimit::ceil_secs(wait)
+                        ),
+                    );
+                    if wait > SDK_MAX_RETRY_WAIT {
+                        r.headers_mut()
+                            .insert("x-should-retry", HeaderValue::from_static("false"));
+                    }
+                    r
+                }
+                DenialReason::NeverFits { .. } => {
+                    let mut r = openai_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "insufficient_quota",
+                        "budget_exceeded",
+                        format!(
+                            "this request's worst case exceeds {subject}'s {} limit itself; lower max_tokens",
+                            d.metric.name()
+                        ),
+                    );
+                    r.headers_mut()
+                        .insert("x-should-retry", HeaderValue::from_static("false"));
+                    r
+                }
+            };
+            for (k, v) in ratelimit::denied(&d) {
+                if let Ok(v) = HeaderValue::try_from(v) {
+                    r.headers_mut().insert(HeaderName::from_static(k), v);
+                }
+            }
+            return r;
+        }
+    };
+    let public = st.reservations.public_id(reservation.id);
+    let subject_names: Vec<String> = subjects.iter().map(|s| s.as_str().to_owned()).collect();
+    st.reservations.insert(
+        reservation.id,
+        Meta {
+            caller: caller.id().to_owned(),
+            subjects: subject_names.clone(),
+            held,
+            reserved_ns: now.as_nanos(),
+        },
+    );
+    st.ledger
+        .record(
+            vec![LedgerRow {
+                ts_ns: now.as_nanos(),
+                kind: RowKind::Reserve,
+                reservation: Some(public),
+                subjects: subject_names,
+                amounts: held,
+                held: None,
+                reserved_ns: None,
+                caller: caller.id().to_owned(),
+                request_id: None,
+                detail: Some(json!({"model": name}).to_string()),
+            }],
+            None,
+        )
+        .await;
+
+    let mut upstream_body = req;
+    upstream_body["model"] = Value::from(model.upstream_name.clone());
+    let mut call = st
+        .http
+        .post(format!("{}/chat/completions", provider.base_url))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(upstream_body.to_string());
+    if let Some(k) = &provider.api_key {
+        call = call.bearer_auth(k);
+    }
+    let sent = call.send().await;
+    let latency_ms = st.now().as_nanos().saturating_sub(now.as_nanos()) / 1_000_000;
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("upstream {} for {name}: {e}", provider.name);
+            finish(
+                &st,
+                reservation.id,
+                None,
+                json!({"model": name, "error": "upstream unreachable"}),
+            )
+            .await;
+            let (status, what) = if e.is_timeout() {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer in time",
+                )
+            } else {
+                (StatusCode::BAD_GATEWAY, "the upstream could not be reached")
+            };
+            return openai_error(status, "api_error", "upstream_error", what);
+        }
+    };
+    let status = resp.status();
+    let bytes = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            // The upstream answered but the body broke: it may have served; charge the hold.
+            finish(
+                &st,
+                reservation.id,
+                Some(held),
+                json!({"model": name, "error": format!("upstream body: {e}")}),
+            )
+            .await;
+            return openai_error(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "upstream_error",
+                "the upstream's answer was cut short",
+            );
+        }
+    };
+    let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if status.is_success() {
+        let actual = usage_of(&answer).map_or(held, |u| amounts(&model, u));
+        finish(
+            &st,
+            reservation.id,
+            Some(actual),
+            json!({"model": name, "upstream_model": model.upstream_name, "status": status.as_u16(), "latency_ms": latency_ms,
+                   "usage_reported": usage_of(&answer).is_some()}),
+        )
+        .await;
+    } else {
+        finish(
+            &st,
+            reservation.id,
+            None,
+            json!({"model": name, "status": status.as_u16(), "latency_ms": latency_ms}),
+        )
+        .await;
+    }
+    let mut r = (
+        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+        [(header::CONTENT_TYPE, "application/json")],
+        bytes,
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::try_from(name.as_str()) {
+        r.headers_mut().insert("x-sluice-model", v);
+    }
+    for (k, v) in ratelimit::allowed(&reservation.limits, now) {
+        if let Ok(v) = HeaderValue::try_from(v) {
+            r.headers_mut().insert(HeaderName::from_static(k), v);
+        }
+    }
+    r
+}
+
+/// `GET /v1/models`: the configured models, OpenAI-shaped.
+pub async fn openai_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = st.keys.authenticate(&headers) {
+        return openai_error(
+            e.status,
+            "invalid_request_error",
+            "invalid_api_key",
+            e.message,
+        );
+    }
+    let data: Vec<Value> = st
+        .config
+        .proxy
+        .models
+        .values()
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": st.config.proxy.providers[m.provider].name}))
+        .collect();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"object": "list", "data": data}).to_string(),
+    )
+        .into_response()
+}

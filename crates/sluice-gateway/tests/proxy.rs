@@ -1,0 +1,238 @@
+//! The OpenAI-wire proxy against the fake upstream: exact accounting, refusals
+//! that never reach the upstream, every exit path settled.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sluice_core::{ManualClock, Timestamp};
+use sluice_test_support::upstream::{FakeUpstream, Script, Usage};
+use support::*;
+
+const AGENT: &str = "agent://acme/prod/bot";
+
+async fn setup(budget_usd: f64) -> (Server, FakeUpstream, String, TempDir) {
+    let up = FakeUpstream::start().await;
+    let dir = TempDir::new("proxy");
+    let toml = format!(
+        "[[providers]]\nname = \"fake\"\nformat = \"openai\"\nbase_url = \"{}\"\napi_key_env = \"FAKE_UPSTREAM_KEY\"\n\
+         [[models]]\nname = \"gpt-test\"\nprovider = \"fake\"\nupstream_name = \"fake-model-1\"\n\
+         input_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\ncached_input_usd_per_mtok = 0.5\nmax_output_tokens = 1000\n",
+        up.base_url
+    );
+    let s = Server::start_with(
+        &dir,
+        &toml,
+        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
+    )
+    .await;
+    let k = s
+        .admin(Method::POST, "/v1/keys", Some(json!({"subject": AGENT})))
+        .await;
+    let key = k.body["key"].as_str().unwrap().to_owned();
+    let r = s
+        .admin(
+            Method::PUT,
+            &format!("/v1/policies/{AGENT}"),
+            Some(json!({"limits": [{"metric": "cost_usd", "limit": budget_usd, "window": "day"}]})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    (s, up, key, dir)
+}
+
+fn chat(max_tokens: u64) -> Value {
+    json!({"model": "gpt-test", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+async fn usage(s: &Server) -> Value {
+    s.admin(Method::GET, &format!("/v1/usage/{AGENT}"), None)
+        .await
+        .body
+}
+
+async fn outstanding(s: &Server) -> u64 {
+    let m = s.raw(Method::GET, "/metrics", &[], None).await;
+    let text = m.body.as_str().unwrap().to_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("sluice_reservations_outstanding "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_forwarded_with_the_upstream_key_and_charged_exactly() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    up.set_usage(Usage {
+        input: 1_000,
+        cached: 200,
+        output: 300,
+    });
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(500)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        r.body["choices"][0]["message"]["content"],
+        "Hello from the fake"
+    );
+    assert_eq!(r.header("x-sluice-model"), Some("gpt-test"));
+    assert!(r.header("ratelimit").is_some());
+    let got = &up.received()[0];
+    assert_eq!(got.headers["authorization"], "Bearer upstream-secret");
+    assert_eq!(got.body["model"], "fake-model-1");
+    // 800 × $2 + 200 × $0.5 + 300 × $8 per million = $0.0041.
+    let u = usage(&s).await;
+    assert_eq!(u["limits"][0]["used"], 0.0041);
+    assert_eq!(outstanding(&s).await, 0);
+    // The ledger has the tokens too (spend roll-up, after the batch is written).
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_budget_is_refused_without_calling_the_upstream() {
+    // One worst case: ~16+ input tokens × $2 + 1000 × $8 per million ≈ $0.008.
+    let (s, up, key, _dir) = setup(0.01).await;
+    up.set_usage(Usage {
+        input: 1_000,
+        cached: 0,
+        output: 1_000,
+    }); // $0.01: the whole budget
+    assert_eq!(
+        s.call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(r.body["error"]["type"], "rate_limit_exceeded");
+    // The day ends in 16 h: longer than the SDK would wait, so it is told not to retry.
+    assert_eq!(r.header("retry-after"), Some("57600"));
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert_eq!(up.requests(), 1);
+    // A worst case larger than the budget itself: refused as such.
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(json!({"model": "gpt-test", "messages": [{"role": "user", "content": "x".repeat(20_000)}]})))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.body["error"]["code"], "budget_exceeded");
+    assert_eq!(up.requests(), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_pass_through_and_charge_nothing() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    up.script([
+        Script::ServerError,
+        Script::TooMany {
+            retry_after_s: Some(1),
+            retry_after_ms: None,
+        },
+    ]);
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.0);
+    assert_eq!(outstanding(&s).await, 0);
+    // A body cut short after a 200 is charged the held worst case (it may have been served).
+    up.script([Script::Disconnect { after_chunks: 0 }]);
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert!(usage(&s).await["limits"][0]["used"].as_f64().unwrap() > 0.0);
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_shaped_errors() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/chat/completions",
+            &key,
+            Some(json!({"model": "nope", "messages": []})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body["error"]["code"], "model_not_found");
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/chat/completions",
+            "sk-wrong",
+            Some(chat(1)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.body["error"]["code"], "invalid_api_key");
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}"))],
+            Some(b"{".to_vec()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let m = s.call(Method::GET, "/v1/models", &key, None).await;
+    assert_eq!(m.body["data"][0]["id"], "gpt-test");
+    assert_eq!(up.requests(), 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_parallel_requests_never_overspend_and_all_settle() {
+    // Each worst case: (input estimate + 100 output) tokens; the budget fits about 10 of them.
+    let worst = {
+        let body = chat(100);
+        let input = sluice_gateway::proxy::estimate_input_tokens(&body);
+        (input * 2 + 100 * 8) as f64 / 1e6
+    };
+    let (s, up, key2, _dir2) = setup(worst * 10.0).await;
+    up.set_usage(Usage {
+        input: 30,
+        cached: 0,
+        output: 100,
+    });
+    let s = Arc::new(s);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (s, key) = (Arc::clone(&s), key2.clone());
+        tasks.push(tokio::spawn(async move {
+            s.call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+                .await
+                .status
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let used = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
+    let limit = usage(&s).await["limits"][0]["limit"].as_f64().unwrap();
+    assert!(used <= limit + 1e-9, "spent {used} of {limit}");
+    assert!(ok >= 10, "only {ok} served");
+    assert_eq!(up.requests(), ok);
+    assert_eq!(outstanding(&s).await, 0);
+}
