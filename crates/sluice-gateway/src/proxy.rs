@@ -104,17 +104,17 @@ fn amounts(model: &Model, usage: TokenUsage) -> Amounts {
         .with_cost_micros(model.price.cost_micros(usage))
 }
 
-/// Settle a proxied reservation and write its ledger row: `Some(actual)` commits, `None` releases.
-async fn finish(
+/// Settle a proxied reservation in the engine at once and return its ledger
+/// row: `Some(actual)` commits, `None` releases. `None` if the lease already
+/// ran out and the expiry task recorded it.
+fn settle_now(
     st: &AppState,
     id: sluice_core::ReservationId,
     actual: Option<Amounts>,
-    detail: Value,
-) {
+    detail: &Value,
+) -> Option<LedgerRow> {
     let public = st.reservations.public_id(id);
-    let Some(meta) = st.reservations.take(id) else {
-        return; // the lease ran out and the expiry task recorded it
-    };
+    let meta = st.reservations.take(id)?;
     let outcome = match actual {
         Some(a) => st.limiter.commit(id, &a).map(|_| ()),
         None => st.limiter.release(id),
@@ -127,7 +127,7 @@ async fn finish(
             (RowKind::Expire, meta.held)
         }
     };
-    let row = LedgerRow {
+    Some(LedgerRow {
         ts_ns: st.now().as_nanos(),
         kind,
         reservation: Some(public),
@@ -138,8 +138,19 @@ async fn finish(
         caller: meta.caller,
         request_id: None,
         detail: Some(detail.to_string()),
-    };
-    st.ledger.record(vec![row], None).await;
+    })
+}
+
+/// Settle and record.
+async fn finish(
+    st: &AppState,
+    id: sluice_core::ReservationId,
+    actual: Option<Amounts>,
+    detail: Value,
+) {
+    if let Some(row) = settle_now(st, id, actual, &detail) {
+        st.ledger.record(vec![row], None).await;
+    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -201,14 +212,6 @@ pub async fn openai_chat(
             "invalid_request_error",
             "wrong_wire",
             format!("`{name}` is served on the Anthropic wire: use /v1/messages"),
-        );
-    }
-    if req["stream"].as_bool() == Some(true) {
-        return openai_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "unsupported",
-            "streaming through the proxy is not available yet",
         );
     }
     let subjects = match subjects(&caller, &headers, &name) {
@@ -308,8 +311,14 @@ pub async fn openai_chat(
         )
         .await;
 
+    let streaming = req["stream"].as_bool() == Some(true);
+    let client_wants_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
     let mut upstream_body = req;
     upstream_body["model"] = Value::from(model.upstream_name.clone());
+    if streaming {
+        // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
+        upstream_body["stream_options"]["include_usage"] = Value::from(true);
+    }
     let mut call = st
         .http
         .post(format!("{}/chat/completions", provider.base_url))
@@ -343,6 +352,28 @@ pub async fn openai_chat(
         }
     };
     let status = resp.status();
+    if streaming && status.is_success() {
+        let settle = StreamSettle {
+            st: Arc::clone(&st),
+            id: Some(reservation.id),
+            model: model.clone(),
+            held,
+            input_estimate: worst_usage.input,
+            text_bytes: 0,
+            usage: None,
+            started_ns: now.as_nanos(),
+        };
+        let mut r = stream_through(resp, settle, client_wants_usage);
+        if let Ok(v) = HeaderValue::try_from(name.as_str()) {
+            r.headers_mut().insert("x-sluice-model", v);
+        }
+        for (k, v) in ratelimit::allowed(&reservation.limits, now) {
+            if let Ok(v) = HeaderValue::try_from(v) {
+                r.headers_mut().insert(HeaderName::from_static(k), v);
+            }
+        }
+        return r;
+    }
     let bytes = match resp.bytes().await {
         Ok(b) => b,
         Err(e) => {
@@ -397,6 +428,162 @@ pub async fn openai_chat(
         }
     }
     r
+}
+
+/// Settles a streamed reservation exactly once: with the upstream's usage
+/// when the stream completes, or, when it is cut short (client gone, upstream
+/// broke), with the input estimate and the output estimated from the text
+/// streamed so far (one token per three bytes, at least one), capped at the hold.
+struct StreamSettle {
+    st: Arc<AppState>,
+    id: Option<sluice_core::ReservationId>,
+    model: Model,
+    held: Amounts,
+    input_estimate: u64,
+    text_bytes: u64,
+    usage: Option<TokenUsage>,
+    started_ns: u64,
+}
+
+impl StreamSettle {
+    fn settle(&mut self, completed: bool) {
+        let Some(id) = self.id.take() else { return };
+        let (usage, how) = match self.usage {
+            Some(u) => (u, "usage"),
+            None => (
+                TokenUsage {
+                    input: self.input_estimate,
+                    cached_input: 0,
+                    output: (self.text_bytes.div_ceil(3)).max(1),
+                },
+                "estimated",
+            ),
+        };
+        let mut actual = amounts(&self.model, usage);
+        if self.usage.is_none() {
+            // An estimate never exceeds what was held.
+            for m in sluice_core::Metric::ALL {
+                actual.set(m, actual.get(m).min(self.held.get(m)));
+            }
+        }
+        let st = Arc::clone(&self.st);
+        let latency_ms = st.now().as_nanos().saturating_sub(self.started_ns) / 1_000_000;
+        let detail = json!({"model": self.model.name, "upstream_model": self.model.upstream_name, "stream": true,
+            "completed": completed, "charged_from": how, "latency_ms": latency_ms});
+        // Settled in the engine now; the ledger row is queued from a task (Drop cannot wait).
+        if let Some(row) = settle_now(&st, id, Some(actual), &detail) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move { st.ledger.record(vec![row], None).await });
+                }
+                Err(_) => {
+                    tracing::error!("no runtime to record a settled stream's ledger row: {row:?}")
+                }
+            }
+        }
+    }
+}
+
+impl Drop for StreamSettle {
+    fn drop(&mut self) {
+        self.settle(false);
+    }
+}
+
+/// Read one SSE event's `data:` JSON, if any.
+fn event_json(event: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let data: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim_start)
+        .collect::<Vec<_>>()
+        .join("\n");
+    if data.is_empty() || data == "[DONE]" {
+        return None;
+    }
+    serde_json::from_str(&data).ok()
+}
+
+/// Pass the upstream's SSE through event by event (nothing is buffered
+/// beyond one event), reading usage and text on the way; drop the usage-only
+/// chunk Sluice asked for when the client did not.
+fn stream_through(
+    resp: reqwest::Response,
+    settle: StreamSettle,
+    client_wants_usage: bool,
+) -> Response {
+    use futures_util::StreamExt;
+    struct State {
+        upstream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+        buf: Vec<u8>,
+        settle: StreamSettle,
+        done: bool,
+    }
+    let state = State {
+        upstream: resp.bytes_stream().boxed(),
+        buf: Vec::new(),
+        settle,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, move |mut s| async move {
+        loop {
+            if s.done {
+                return None;
+            }
+            // Emit every complete event in the buffer.
+            let mut out: Vec<u8> = Vec::new();
+            while let Some(end) = s.buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = s.buf.drain(..end + 2).collect();
+                let mut keep = true;
+                if let Some(v) = event_json(&event) {
+                    if let Some(u) = usage_of(&v) {
+                        s.settle.usage = Some(u);
+                        let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
+                        keep = client_wants_usage || !usage_only;
+                    }
+                    if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
+                        s.settle.text_bytes += text.len() as u64;
+                    }
+                }
+                if keep {
+                    out.extend_from_slice(&event);
+                }
+            }
+            if !out.is_empty() {
+                return Some((Ok::<_, std::io::Error>(Bytes::from(out)), s));
+            }
+            match s.upstream.next().await {
+                Some(Ok(chunk)) => s.buf.extend_from_slice(&chunk),
+                Some(Err(e)) => {
+                    s.done = true;
+                    s.settle.settle(false);
+                    return Some((
+                        Err(std::io::Error::other(format!("upstream stream broke: {e}"))),
+                        s,
+                    ));
+                }
+                None => {
+                    s.done = true;
+                    s.settle.settle(true);
+                    if s.buf.is_empty() {
+                        return None;
+                    }
+                    let rest = std::mem::take(&mut s.buf);
+                    return Some((Ok(Bytes::from(rest)), s));
+                }
+            }
+        }
+    });
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// `GET /v1/models`: the configured models, OpenAI-shaped.

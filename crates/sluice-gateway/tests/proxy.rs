@@ -1,6 +1,6 @@
 //! The OpenAI-wire proxy against the fake upstream: exact accounting, refusals
 //! that never reach the upstream, every exit path settled.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
@@ -235,4 +235,108 @@ async fn fifty_parallel_requests_never_overspend_and_all_settle() {
     assert!(ok >= 10, "only {ok} served");
     assert_eq!(up.requests(), ok);
     assert_eq!(outstanding(&s).await, 0);
+}
+
+/// The `data:` payloads of an SSE body.
+fn data_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn stream_call(s: &Server, key: &str, body: Value) -> reqwest::Response {
+    s.http
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Wait (bounded) until no reservation is outstanding.
+async fn settled(s: &Server) {
+    for _ in 0..200 {
+        if outstanding(s).await == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("reservations still outstanding");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_and_are_charged_the_reported_usage() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    up.set_usage(Usage {
+        input: 400,
+        cached: 0,
+        output: 50,
+    });
+    let mut body = chat(500);
+    body["stream"] = json!(true);
+    let r = stream_call(&s, &key, body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-sluice-model"], "gpt-test");
+    let lines = data_lines(&r.text().await.unwrap());
+    assert_eq!(lines.last().unwrap(), "[DONE]");
+    // The client did not ask for usage: the extra chunk Sluice asked for is dropped.
+    assert!(lines.iter().all(|l| !l.contains("\"usage\"")), "{lines:?}");
+    assert_eq!(
+        up.received()[0].body["stream_options"]["include_usage"],
+        true
+    );
+    settled(&s).await;
+    // 400 × $2 + 50 × $8 per million = $0.0012.
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.0012);
+    // Asked for: passed through, charged again.
+    body["stream_options"] = json!({"include_usage": true});
+    let lines = data_lines(&stream_call(&s, &key, body).await.text().await.unwrap());
+    assert!(lines.iter().any(|l| l.contains("\"usage\"")));
+    settled(&s).await;
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.0024);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    let mut body = chat(500);
+    body["stream"] = json!(true);
+    let input = sluice_gateway::proxy::estimate_input_tokens(&body);
+    // The upstream breaks after two chunks ("Hello", " from": 10 bytes -> 4 tokens).
+    up.script([Script::Disconnect { after_chunks: 2 }]);
+    let mut r = stream_call(&s, &key, body.clone()).await;
+    let broke = loop {
+        match r.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(broke, "the client should see the stream break");
+    settled(&s).await;
+    let expected = (input * 2 + 4 * 8) as f64 / 1e6;
+    let used = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
+    assert!(
+        (used - expected).abs() < 1e-9,
+        "charged {used}, expected {expected}"
+    );
+
+    // The client goes away after the first chunk of a slow stream.
+    up.set_chunk_delay(std::time::Duration::from_millis(200));
+    let mut r = stream_call(&s, &key, body).await;
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    drop(r);
+    settled(&s).await;
+    let after = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
+    assert!(after > used, "the abandoned stream was charged something");
+    assert!(
+        after - used <= (input * 2 + 500 * 8) as f64 / 1e6 + 1e-9,
+        "never more than the hold"
+    );
+    s.stop().await;
 }
