@@ -5,53 +5,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 use support::*;
 
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/axme");
-
-/// A virtualenv with `axme` and `httpx`, or `None` (with a notice) when
-/// SLUICE_SKIP_PYTHON_TESTS is set.
-fn venv() -> Option<PathBuf> {
-    if std::env::var_os("SLUICE_SKIP_PYTHON_TESTS").is_some() {
-        eprintln!("NOTICE: SLUICE_SKIP_PYTHON_TESTS is set; skipping the axme SDK test");
-        return None;
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("axme-venv");
-    let python = dir.join("bin/python");
-    let ready = python.exists()
-        && Command::new(&python)
-            .args(["-c", "import axme, httpx"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ready {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&dir)
-            .status();
-        assert!(
-            made.is_ok_and(|s| s.success()),
-            "python3 -m venv failed; install python3-venv or set SLUICE_SKIP_PYTHON_TESTS=1"
-        );
-        let pip = Command::new(dir.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "axme==0.2.0",
-                "httpx",
-            ])
-            .status();
-        assert!(
-            pip.is_ok_and(|s| s.success()),
-            "pip install axme httpx failed (PyPI unreachable?); set SLUICE_SKIP_PYTHON_TESTS=1 to skip"
-        );
-    }
-    Some(python)
-}
 
 fn script(python: &Path, name: &str, url: &str, key: &str) -> String {
     let out = Command::new(python)
@@ -66,7 +26,9 @@ fn script(python: &Path, name: &str, url: &str, key: &str) -> String {
 
 #[test]
 fn the_seed_scripts_and_the_official_axme_sdk_work_against_sluice() {
-    let Some(python) = venv() else { return };
+    let Some(python) = venv("axme", &["axme==0.2.0", "httpx"]) else {
+        return;
+    };
     let dir = TempDir::new("axme-sdk");
     let key = "axme-sdk-test-admin-key-0123456789";
     let server = Serve::start(

@@ -101,3 +101,47 @@ pub fn run(cwd: &Path, args: &[&str]) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// A virtualenv (under the target directory, reused across runs) with these
+/// PyPI packages, or `None` with a printed notice when SLUICE_SKIP_PYTHON_TESTS is set.
+pub fn venv(name: &str, packages: &[&str]) -> Option<std::path::PathBuf> {
+    if std::env::var_os("SLUICE_SKIP_PYTHON_TESTS").is_some() {
+        eprintln!("NOTICE: SLUICE_SKIP_PYTHON_TESTS is set; skipping the {name} test");
+        return None;
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-venv"));
+    let python = dir.join("bin/python");
+    let imports: Vec<String> = packages
+        .iter()
+        .map(|p| {
+            p.split(['=', '<', '>', '['])
+                .next()
+                .unwrap_or(p)
+                .replace('-', "_")
+        })
+        .collect();
+    let ready = python.exists()
+        && Command::new(&python)
+            .args(["-c", &format!("import {}", imports.join(", "))])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ready {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "python3 -m venv failed; install python3-venv or set SLUICE_SKIP_PYTHON_TESTS=1"
+        );
+        let pip = Command::new(dir.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(packages)
+            .status();
+        assert!(
+            pip.is_ok_and(|s| s.success()),
+            "pip install {packages:?} failed (PyPI unreachable?); set SLUICE_SKIP_PYTHON_TESTS=1 to skip"
+        );
+    }
+    Some(python)
+}
