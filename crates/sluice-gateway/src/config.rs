@@ -66,8 +66,12 @@ pub struct FileConfig {
     pub models: Vec<ModelDef>,
     /// A LiteLLM-format price file (`model_prices_and_context_window.json`).
     pub pricing_file: Option<PathBuf>,
-    /// Longest time one upstream call may take, in seconds (default 600).
+    /// Longest time one upstream call, retries included, may take, in seconds (default 600).
     pub upstream_timeout_s: Option<f64>,
+    /// Attempts per model on 429, 5xx and transport errors (1..=10, default 3).
+    pub upstream_attempts: Option<u32>,
+    /// Base of the exponential back-off between attempts, in ms (default 250).
+    pub upstream_backoff_ms: Option<u64>,
 }
 
 /// `[[providers]]` as written.
@@ -158,14 +162,30 @@ pub struct Model {
 }
 
 /// The proxy's providers and models.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Proxy {
     /// Providers.
     pub providers: Vec<Provider>,
     /// Models by name.
     pub models: std::collections::BTreeMap<String, Model>,
-    /// Longest upstream call.
+    /// Longest upstream call, retries included.
     pub timeout: Duration,
+    /// Attempts per model.
+    pub attempts: u32,
+    /// Back-off base.
+    pub backoff: Duration,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            providers: Vec::new(),
+            models: std::collections::BTreeMap::new(),
+            timeout: Duration::from_secs(600),
+            attempts: 3,
+            backoff: Duration::from_millis(250),
+        }
+    }
 }
 
 fn resolve_proxy(
@@ -301,10 +321,26 @@ fn resolve_proxy(
         }
     }
     let timeout = seconds("upstream_timeout_s", file.upstream_timeout_s, 600.0)?;
+    let attempts = file.upstream_attempts.unwrap_or(3);
+    if !(1..=10).contains(&attempts) {
+        return Err(ConfigError::new(
+            "upstream_attempts",
+            format!("must be 1 to 10, got {attempts}"),
+        ));
+    }
+    let backoff_ms = file.upstream_backoff_ms.unwrap_or(250);
+    if backoff_ms > 60_000 {
+        return Err(ConfigError::new(
+            "upstream_backoff_ms",
+            format!("must be at most 60000, got {backoff_ms}"),
+        ));
+    }
     Ok(Proxy {
         providers,
         models,
         timeout,
+        attempts,
+        backoff: Duration::from_millis(backoff_ms),
     })
 }
 

@@ -153,6 +153,231 @@ async fn finish(
     }
 }
 
+/// A reservation held for one candidate model.
+struct Held {
+    id: sluice_core::ReservationId,
+    limits: sluice_core::Statuses,
+    amounts: Amounts,
+    input_estimate: u64,
+    now: sluice_core::Timestamp,
+}
+
+/// Reserve a request's worst case for `model`, record it, or answer the refusal.
+async fn reserve_for(
+    st: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    req: &Value,
+    model: &Model,
+) -> Result<Held, Response> {
+    let subjects = subjects(caller, headers, &model.name).map_err(|e| {
+        openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_subject",
+            e,
+        )
+    })?;
+    let worst_usage = TokenUsage {
+        input: estimate_input_tokens(req),
+        cached_input: 0,
+        output: output_bound(req, model),
+    };
+    let held = amounts(model, worst_usage);
+    // Every attempt and back-off fits in the lease, with a minute to spare.
+    let lease = st.config.proxy.timeout * 2 + Duration::from_secs(60);
+    let now = st.now();
+    let reservation = match st
+        .limiter
+        .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease))
+    {
+        Ok(r) => r,
+        Err(d) => return Err(refusal(&d, &subjects)),
+    };
+    let public = st.reservations.public_id(reservation.id);
+    let subject_names: Vec<String> = subjects.iter().map(|s| s.as_str().to_owned()).collect();
+    st.reservations.insert(
+        reservation.id,
+        Meta {
+            caller: caller.id().to_owned(),
+            subjects: subject_names.clone(),
+            held,
+            reserved_ns: now.as_nanos(),
+        },
+    );
+    let row = LedgerRow {
+        ts_ns: now.as_nanos(),
+        kind: RowKind::Reserve,
+        reservation: Some(public),
+        subjects: subject_names,
+        amounts: held,
+        held: None,
+        reserved_ns: None,
+        caller: caller.id().to_owned(),
+        request_id: None,
+        detail: Some(json!({"model": model.name}).to_string()),
+    };
+    st.ledger.record(vec![row], None).await;
+    Ok(Held {
+        id: reservation.id,
+        limits: reservation.limits,
+        amounts: held,
+        input_estimate: worst_usage.input,
+        now,
+    })
+}
+
+/// The OpenAI-shaped answer to a refusal.
+fn refusal(d: &sluice_core::Denial, subjects: &[Subject]) -> Response {
+    let subject = subjects.get(d.subject).map_or("", Subject::as_str);
+    let mut r = match d.reason {
+        DenialReason::RetryAfter(wait) => {
+            let mut r = openai_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "rate_limit_exceeded",
+                format!(
+                    "{subject} reached its {} limit per {}; retry in {}s",
+                    d.metric.name(),
+                    crate::wire::window_name(d.window),
+                    ratelimit::ceil_secs(wait)
+                ),
+            );
+            if wait > SDK_MAX_RETRY_WAIT {
+                r.headers_mut()
+                    .insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            r
+        }
+        DenialReason::NeverFits { .. } => {
+            let mut r = openai_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "budget_exceeded",
+                format!(
+                    "this request's worst case exceeds {subject}'s {} limit itself; lower max_tokens",
+                    d.metric.name()
+                ),
+            );
+            r.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+            r
+        }
+    };
+    for (k, v) in ratelimit::denied(d) {
+        if let Ok(v) = HeaderValue::try_from(v) {
+            r.headers_mut().insert(HeaderName::from_static(k), v);
+        }
+    }
+    r
+}
+
+/// What the upstream finally said.
+enum Upstream {
+    /// An answer to pass on (a success, or an error not worth retrying).
+    Answer(reqwest::Response),
+    /// Retries exhausted: the last error status and body, or a transport error.
+    Failed(Option<(StatusCode, Bytes)>, String),
+}
+
+/// The wait an upstream asks for: `retry-after-ms`, `retry-after` (seconds),
+/// or the earliest `x-ratelimit-reset-*` (`1s`, `20ms`, `6m0s`).
+fn upstream_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+    }
+    if let Some(s) = get("retry-after").and_then(|v| v.trim().parse::<f64>().ok()) {
+        return Some(Duration::from_secs_f64(s.max(0.0)));
+    }
+    ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        .iter()
+        .filter_map(|k| get(k))
+        .filter_map(parse_go_duration)
+        .min()
+}
+
+/// `1s`, `20ms`, `6m0s`, `1h2m3.5s`.
+fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0.0;
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (num, tail) = rest.split_at(n);
+        let value: f64 = num.parse().ok()?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        total += value
+            * match unit {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return None,
+            };
+        rest = tail;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// Exponential back-off with full jitter: uniform in [0, base × 2^attempt], capped at 10 s.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let cap = base
+        .saturating_mul(1 << attempt.min(16))
+        .min(Duration::from_secs(10));
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    cap.mul_f64(f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX))
+}
+
+/// Call the upstream, retrying 429s, 5xx and transport errors within the
+/// attempt count and the deadline.
+async fn call_upstream(
+    st: &AppState,
+    provider: &crate::config::Provider,
+    body: &Value,
+) -> Upstream {
+    let proxy = &st.config.proxy;
+    #[allow(clippy::disallowed_methods)] // a deadline for sleeping, not a decision's clock
+    let deadline = tokio::time::Instant::now() + proxy.timeout;
+    let mut last = (None, String::new());
+    for attempt in 0..proxy.attempts {
+        let mut call = st
+            .http
+            .post(format!("{}/chat/completions", provider.base_url))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(k) = &provider.api_key {
+            call = call.bearer_auth(k);
+        }
+        let wait = match call.send().await {
+            Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
+                let wait =
+                    upstream_wait(r.headers()).unwrap_or_else(|| backoff(proxy.backoff, attempt));
+                let status =
+                    StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                let bytes = r.bytes().await.unwrap_or_default();
+                last = (Some((status, bytes)), format!("upstream answered {status}"));
+                wait
+            }
+            Ok(r) => return Upstream::Answer(r),
+            Err(e) => {
+                last = (None, format!("upstream unreachable: {e}"));
+                backoff(proxy.backoff, attempt)
+            }
+        };
+        #[allow(clippy::disallowed_methods)]
+        let now = tokio::time::Instant::now();
+        if attempt + 1 == proxy.attempts || now + wait > deadline {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+    }
+    Upstream::Failed(last.0, last.1)
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn openai_chat(
     State(st): State<Arc<AppState>>,
@@ -197,7 +422,7 @@ pub async fn openai_chat(
             "`model` is required",
         );
     };
-    let Some(model) = st.config.proxy.models.get(&name).cloned() else {
+    let Some(first) = st.config.proxy.models.get(&name).cloned() else {
         return openai_error(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -205,8 +430,7 @@ pub async fn openai_chat(
             format!("the model `{name}` is not configured on this gateway"),
         );
     };
-    let provider = st.config.proxy.providers[model.provider].clone();
-    if provider.wire != Wire::OpenAi {
+    if st.config.proxy.providers[first.provider].wire != Wire::OpenAi {
         return openai_error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -214,177 +438,103 @@ pub async fn openai_chat(
             format!("`{name}` is served on the Anthropic wire: use /v1/messages"),
         );
     }
-    let subjects = match subjects(&caller, &headers, &name) {
-        Ok(s) => s,
-        Err(e) => {
-            return openai_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_subject",
-                e,
-            );
-        }
-    };
-    let worst_usage = TokenUsage {
-        input: estimate_input_tokens(&req),
-        cached_input: 0,
-        output: output_bound(&req, &model),
-    };
-    let held = amounts(&model, worst_usage);
-    let lease = st.config.proxy.timeout + Duration::from_secs(60);
-    let now = st.now();
-    let reservation = match st
-        .limiter
-        .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease))
-    {
-        Ok(r) => r,
-        Err(d) => {
-            let subject = subjects.get(d.subject).map_or("", Subject::as_str);
-            let mut r = match d.reason {
-                DenialReason::RetryAfter(wait) => {
-                    let mut r = openai_error(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "rate_limit_exceeded",
-                        "rate_limit_exceeded",
-                        format!(
-                            "{subject} reached its {} limit per {}; retry in {}s",
-                            d.metric.name(),
-                            crate::wire::window_name(d.window),
-                            ratelimit::ceil_secs(wait)
-                        ),
-                    );
-                    if wait > SDK_MAX_RETRY_WAIT {
-                        r.headers_mut()
-                            .insert("x-should-retry", HeaderValue::from_static("false"));
-                    }
-                    r
-                }
-                DenialReason::NeverFits { .. } => {
-                    let mut r = openai_error(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "insufficient_quota",
-                        "budget_exceeded",
-                        format!(
-                            "this request's worst case exceeds {subject}'s {} limit itself; lower max_tokens",
-                            d.metric.name()
-                        ),
-                    );
-                    r.headers_mut()
-                        .insert("x-should-retry", HeaderValue::from_static("false"));
-                    r
-                }
-            };
-            for (k, v) in ratelimit::denied(&d) {
-                if let Ok(v) = HeaderValue::try_from(v) {
-                    r.headers_mut().insert(HeaderName::from_static(k), v);
-                }
-            }
-            return r;
-        }
-    };
-    let public = st.reservations.public_id(reservation.id);
-    let subject_names: Vec<String> = subjects.iter().map(|s| s.as_str().to_owned()).collect();
-    st.reservations.insert(
-        reservation.id,
-        Meta {
-            caller: caller.id().to_owned(),
-            subjects: subject_names.clone(),
-            held,
-            reserved_ns: now.as_nanos(),
-        },
-    );
-    st.ledger
-        .record(
-            vec![LedgerRow {
-                ts_ns: now.as_nanos(),
-                kind: RowKind::Reserve,
-                reservation: Some(public),
-                subjects: subject_names,
-                amounts: held,
-                held: None,
-                reserved_ns: None,
-                caller: caller.id().to_owned(),
-                request_id: None,
-                detail: Some(json!({"model": name}).to_string()),
-            }],
-            None,
-        )
-        .await;
-
     let streaming = req["stream"].as_bool() == Some(true);
     let client_wants_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
-    let mut upstream_body = req;
-    upstream_body["model"] = Value::from(model.upstream_name.clone());
-    if streaming {
-        // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
-        upstream_body["stream_options"]["include_usage"] = Value::from(true);
-    }
-    let mut call = st
-        .http
-        .post(format!("{}/chat/completions", provider.base_url))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(upstream_body.to_string());
-    if let Some(k) = &provider.api_key {
-        call = call.bearer_auth(k);
-    }
-    let sent = call.send().await;
-    let latency_ms = st.now().as_nanos().saturating_sub(now.as_nanos()) / 1_000_000;
-    let resp = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!("upstream {} for {name}: {e}", provider.name);
-            finish(
-                &st,
-                reservation.id,
-                None,
-                json!({"model": name, "error": "upstream unreachable"}),
-            )
-            .await;
-            let (status, what) = if e.is_timeout() {
-                (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the upstream did not answer in time",
-                )
-            } else {
-                (StatusCode::BAD_GATEWAY, "the upstream could not be reached")
-            };
-            return openai_error(status, "api_error", "upstream_error", what);
-        }
-    };
-    let status = resp.status();
-    if streaming && status.is_success() {
-        let settle = StreamSettle {
-            st: Arc::clone(&st),
-            id: Some(reservation.id),
-            model: model.clone(),
-            held,
-            input_estimate: worst_usage.input,
-            text_bytes: 0,
-            usage: None,
-            started_ns: now.as_nanos(),
+    // The model asked for, then its fallbacks, in order.
+    let candidates: Vec<Model> = std::iter::once(first.clone())
+        .chain(
+            first
+                .fallbacks
+                .iter()
+                .filter_map(|f| st.config.proxy.models.get(f).cloned()),
+        )
+        .collect();
+    let mut failure = (None, String::from("no model could serve the request"));
+    for (i, model) in candidates.iter().enumerate() {
+        let provider = st.config.proxy.providers[model.provider].clone();
+        // Each candidate holds its own worst case on its own subjects (`model:NAME` differs).
+        let held = match reserve_for(&st, &caller, &headers, &req, model).await {
+            Ok(h) => h,
+            Err(refused) => return refused,
         };
-        let mut r = stream_through(resp, settle, client_wants_usage);
-        if let Ok(v) = HeaderValue::try_from(name.as_str()) {
+        let mut upstream_body = req.clone();
+        upstream_body["model"] = Value::from(model.upstream_name.clone());
+        if streaming {
+            // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
+            upstream_body["stream_options"]["include_usage"] = Value::from(true);
+        }
+        let resp = match call_upstream(&st, &provider, &upstream_body).await {
+            Upstream::Answer(r) => r,
+            Upstream::Failed(last, why) => {
+                tracing::warn!("{} via {}: {why}", model.name, provider.name);
+                let more = i + 1 < candidates.len();
+                finish(
+                    &st,
+                    held.id,
+                    None,
+                    json!({"model": model.name, "error": why, "failover": more}),
+                )
+                .await;
+                failure = (last, why);
+                continue;
+            }
+        };
+        return answer(&st, resp, model, held, streaming, client_wants_usage).await;
+    }
+    match failure.0 {
+        Some((status, bytes)) => {
+            (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        None => openai_error(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "upstream_error",
+            failure.1,
+        ),
+    }
+}
+
+/// Pass an upstream answer on and settle its reservation.
+async fn answer(
+    st: &Arc<AppState>,
+    resp: reqwest::Response,
+    model: &Model,
+    held: Held,
+    streaming: bool,
+    client_wants_usage: bool,
+) -> Response {
+    let status = resp.status();
+    let headers_out = |r: &mut Response| {
+        if let Ok(v) = HeaderValue::try_from(model.name.as_str()) {
             r.headers_mut().insert("x-sluice-model", v);
         }
-        for (k, v) in ratelimit::allowed(&reservation.limits, now) {
+        for (k, v) in ratelimit::allowed(&held.limits, held.now) {
             if let Ok(v) = HeaderValue::try_from(v) {
                 r.headers_mut().insert(HeaderName::from_static(k), v);
             }
         }
+    };
+    if streaming && status.is_success() {
+        let settle = StreamSettle {
+            st: Arc::clone(st),
+            id: Some(held.id),
+            model: model.clone(),
+            held: held.amounts,
+            input_estimate: held.input_estimate,
+            text_bytes: 0,
+            usage: None,
+            started_ns: held.now.as_nanos(),
+        };
+        let mut r = stream_through(resp, settle, client_wants_usage);
+        headers_out(&mut r);
         return r;
     }
     let bytes = match resp.bytes().await {
         Ok(b) => b,
         Err(e) => {
             // The upstream answered but the body broke: it may have served; charge the hold.
-            finish(
-                &st,
-                reservation.id,
-                Some(held),
-                json!({"model": name, "error": format!("upstream body: {e}")}),
-            )
-            .await;
+            let detail = json!({"model": model.name, "error": format!("upstream body: {e}")});
+            finish(st, held.id, Some(held.amounts), detail).await;
             return openai_error(
                 StatusCode::BAD_GATEWAY,
                 "api_error",
@@ -393,25 +543,15 @@ pub async fn openai_chat(
             );
         }
     };
-    let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let latency_ms = st.now().as_nanos().saturating_sub(held.now.as_nanos()) / 1_000_000;
+    let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let detail = json!({"model": model.name, "upstream_model": model.upstream_name, "status": status.as_u16(),
+        "latency_ms": latency_ms, "usage_reported": usage_of(&parsed).is_some()});
     if status.is_success() {
-        let actual = usage_of(&answer).map_or(held, |u| amounts(&model, u));
-        finish(
-            &st,
-            reservation.id,
-            Some(actual),
-            json!({"model": name, "upstream_model": model.upstream_name, "status": status.as_u16(), "latency_ms": latency_ms,
-                   "usage_reported": usage_of(&answer).is_some()}),
-        )
-        .await;
+        let actual = usage_of(&parsed).map_or(held.amounts, |u| amounts(model, u));
+        finish(st, held.id, Some(actual), detail).await;
     } else {
-        finish(
-            &st,
-            reservation.id,
-            None,
-            json!({"model": name, "status": status.as_u16(), "latency_ms": latency_ms}),
-        )
-        .await;
+        finish(st, held.id, None, detail).await;
     }
     let mut r = (
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -419,14 +559,7 @@ pub async fn openai_chat(
         bytes,
     )
         .into_response();
-    if let Ok(v) = HeaderValue::try_from(name.as_str()) {
-        r.headers_mut().insert("x-sluice-model", v);
-    }
-    for (k, v) in ratelimit::allowed(&reservation.limits, now) {
-        if let Ok(v) = HeaderValue::try_from(v) {
-            r.headers_mut().insert(HeaderName::from_static(k), v);
-        }
-    }
+    headers_out(&mut r);
     r
 }
 

@@ -15,12 +15,19 @@ use support::*;
 const AGENT: &str = "agent://acme/prod/bot";
 
 async fn setup(budget_usd: f64) -> (Server, FakeUpstream, String, TempDir) {
+    setup_with(budget_usd, "upstream_attempts = 1\n").await
+}
+
+async fn setup_with(budget_usd: f64, extra: &str) -> (Server, FakeUpstream, String, TempDir) {
     let up = FakeUpstream::start().await;
     let dir = TempDir::new("proxy");
     let toml = format!(
-        "[[providers]]\nname = \"fake\"\nformat = \"openai\"\nbase_url = \"{}\"\napi_key_env = \"FAKE_UPSTREAM_KEY\"\n\
+        "{extra}[[providers]]\nname = \"fake\"\nformat = \"openai\"\nbase_url = \"{}\"\napi_key_env = \"FAKE_UPSTREAM_KEY\"\n\
          [[models]]\nname = \"gpt-test\"\nprovider = \"fake\"\nupstream_name = \"fake-model-1\"\n\
-         input_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\ncached_input_usd_per_mtok = 0.5\nmax_output_tokens = 1000\n",
+         input_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\ncached_input_usd_per_mtok = 0.5\nmax_output_tokens = 1000\n\
+         fallbacks = [\"gpt-backup\"]\n\
+         [[models]]\nname = \"gpt-backup\"\nprovider = \"fake\"\n\
+         input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 4.0\nmax_output_tokens = 1000\n",
         up.base_url
     );
     let s = Server::start_with(
@@ -131,21 +138,22 @@ async fn a_spent_budget_is_refused_without_calling_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_pass_through_and_charge_nothing() {
     let (s, up, key, _dir) = setup(10.0).await;
-    up.script([
-        Script::ServerError,
-        Script::TooMany {
-            retry_after_s: Some(1),
-            retry_after_ms: None,
-        },
-    ]);
+    // One attempt per model here; the primary and its fallback both fail, the last error is passed on.
+    up.script([Script::ServerError, Script::ServerError]);
     let r = s
         .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
         .await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let busy = Script::TooMany {
+        retry_after_s: Some(1),
+        retry_after_ms: None,
+    };
+    up.script([busy.clone(), busy]);
     let r = s
         .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
         .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(up.requests(), 4);
     assert_eq!(usage(&s).await["limits"][0]["used"], 0.0);
     assert_eq!(outstanding(&s).await, 0);
     // A body cut short after a 200 is charged the held worst case (it may have been served).
@@ -192,7 +200,13 @@ async fn bad_requests_get_openai_shaped_errors() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let m = s.call(Method::GET, "/v1/models", &key, None).await;
-    assert_eq!(m.body["data"][0]["id"], "gpt-test");
+    let ids: Vec<&str> = m.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-backup", "gpt-test"]);
     assert_eq!(up.requests(), 0);
     s.stop().await;
 }
@@ -338,5 +352,74 @@ async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
         after - used <= (input * 2 + 500 * 8) as f64 / 1e6 + 1e-9,
         "never more than the hold"
     );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_pushback_is_retried_and_then_fails_over() {
+    let (s, up, key, _dir) =
+        setup_with(10.0, "upstream_attempts = 3\nupstream_backoff_ms = 5\n").await;
+    // A 429 (retry-after-ms honoured) and a 500, then success: the client sees only the success.
+    up.script([
+        Script::TooMany {
+            retry_after_s: None,
+            retry_after_ms: Some(20),
+        },
+        Script::ServerError,
+    ]);
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.header("x-sluice-model"), Some("gpt-test"));
+    assert_eq!(up.requests(), 3);
+    // Charged once: 12 × $2 + 5 × $8 per million.
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.000064);
+
+    // The primary keeps answering 429: after its three attempts the fallback serves.
+    let busy = Script::TooMany {
+        retry_after_s: None,
+        retry_after_ms: Some(1),
+    };
+    up.script([busy.clone(), busy.clone(), busy]);
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.header("x-sluice-model"), Some("gpt-backup"));
+    assert_eq!(up.requests(), 7);
+    assert_eq!(up.received()[6].body["model"], "gpt-backup");
+    assert_eq!(outstanding(&s).await, 0);
+    // The ledger names the model that served: spend on model:gpt-backup, none more on model:gpt-test.
+    let mut spend = Value::Null;
+    for _ in 0..200 {
+        spend = s
+            .admin(Method::GET, "/v1/usage/model:gpt-backup", None)
+            .await
+            .body["spend"]["total"]
+            .clone();
+        if spend["requests"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(spend["requests"], 1, "{spend}");
+    assert_eq!(spend["cost_usd"], 0.000032); // 12 × $1 + 5 × $4 per million
+    let primary = s
+        .admin(Method::GET, "/v1/usage/model:gpt-test", None)
+        .await
+        .body["spend"]["total"]
+        .clone();
+    assert_eq!(primary["requests"], 1);
+
+    // Everything keeps failing: the last upstream error is passed on, nothing is charged.
+    let before = usage(&s).await["limits"][0]["used"].clone();
+    up.script(std::iter::repeat_n(Script::ServerError, 6));
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(usage(&s).await["limits"][0]["used"], before);
+    assert_eq!(outstanding(&s).await, 0);
     s.stop().await;
 }
