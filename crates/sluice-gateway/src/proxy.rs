@@ -1,5 +1,5 @@
-//! The LLM proxy, OpenAI wire: `POST /v1/chat/completions` (non-streaming in
-//! this step) and `GET /v1/models`.
+//! The LLM proxy: OpenAI's `POST /v1/chat/completions`, Anthropic's
+//! `POST /v1/messages` (both streaming or not) and `GET /v1/models`.
 //!
 //! One request: estimate the worst case (input tokens from the request's
 //! size, output tokens from `max_completion_tokens`/`max_tokens` or the
@@ -50,13 +50,45 @@ fn openai_error(
         .into_response()
 }
 
+/// An error in the wire's own shape (the OpenAI `kind`/`code` map onto Anthropic's types by status).
+fn wire_error(
+    wire: Wire,
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: impl Into<String>,
+) -> Response {
+    match wire {
+        Wire::OpenAi => openai_error(status, kind, code, message),
+        Wire::Anthropic => {
+            let t = match status.as_u16() {
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                500..=599 => "api_error",
+                _ => "invalid_request_error",
+            };
+            let body = json!({"type": "error", "error": {"type": t, "message": message.into()}});
+            (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+    }
+}
+
 /// A conservative input-token estimate: one token per two bytes of the
 /// request's messages as JSON (real tokenizers give about one per four bytes
 /// of English), plus a fixed overhead. An over-estimate only holds more for
 /// the request's duration; the commit charges the upstream's count.
 pub fn estimate_input_tokens(body: &Value) -> u64 {
     let text = serde_json::to_string(&body["messages"]).unwrap_or_default();
-    let tools = body.get("tools").map_or(0, |t| t.to_string().len());
+    let tools = body.get("tools").map_or(0, |t| t.to_string().len())
+        + body.get("system").map_or(0, |t| t.to_string().len());
     ((text.len() + tools) as u64).div_ceil(2) + 16
 }
 
@@ -87,15 +119,34 @@ fn subjects(caller: &Caller, headers: &HeaderMap, model: &str) -> Result<Vec<Sub
     Ok(out)
 }
 
-fn usage_of(v: &Value) -> Option<TokenUsage> {
+fn usage_of(wire: Wire, v: &Value) -> Option<TokenUsage> {
     let u = v.get("usage")?;
-    Some(TokenUsage {
-        input: u.get("prompt_tokens")?.as_u64()?,
-        cached_input: u["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0),
-        output: u.get("completion_tokens")?.as_u64()?,
-    })
+    match wire {
+        Wire::OpenAi => Some(TokenUsage {
+            input: u.get("prompt_tokens")?.as_u64()?,
+            cached_input: u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+            output: u.get("completion_tokens")?.as_u64()?,
+        }),
+        Wire::Anthropic => {
+            let (input, cached) = anthropic_input(u)?;
+            Some(TokenUsage {
+                input,
+                cached_input: cached,
+                output: u.get("output_tokens")?.as_u64()?,
+            })
+        }
+    }
+}
+
+/// Anthropic's input: uncached + cache reads + cache writes (writes priced as
+/// input), and the cache reads.
+fn anthropic_input(u: &Value) -> Option<(u64, u64)> {
+    let uncached = u.get("input_tokens")?.as_u64()?;
+    let read = u["cache_read_input_tokens"].as_u64().unwrap_or(0);
+    let written = u["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+    Some((uncached + read + written, read))
 }
 
 fn amounts(model: &Model, usage: TokenUsage) -> Amounts {
@@ -164,6 +215,7 @@ struct Held {
 
 /// Reserve a request's worst case for `model`, record it, or answer the refusal.
 async fn reserve_for(
+    wire: Wire,
     st: &AppState,
     caller: &Caller,
     headers: &HeaderMap,
@@ -171,7 +223,8 @@ async fn reserve_for(
     model: &Model,
 ) -> Result<Held, Response> {
     let subjects = subjects(caller, headers, &model.name).map_err(|e| {
-        openai_error(
+        wire_error(
+            wire,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "invalid_subject",
@@ -192,7 +245,7 @@ async fn reserve_for(
         .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease))
     {
         Ok(r) => r,
-        Err(d) => return Err(refusal(&d, &subjects)),
+        Err(d) => return Err(refusal(wire, &d, &subjects)),
     };
     let public = st.reservations.public_id(reservation.id);
     let subject_names: Vec<String> = subjects.iter().map(|s| s.as_str().to_owned()).collect();
@@ -228,11 +281,12 @@ async fn reserve_for(
 }
 
 /// The OpenAI-shaped answer to a refusal.
-fn refusal(d: &sluice_core::Denial, subjects: &[Subject]) -> Response {
+fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject]) -> Response {
     let subject = subjects.get(d.subject).map_or("", Subject::as_str);
     let mut r = match d.reason {
         DenialReason::RetryAfter(wait) => {
-            let mut r = openai_error(
+            let mut r = wire_error(
+                wire,
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_exceeded",
                 "rate_limit_exceeded",
@@ -250,7 +304,8 @@ fn refusal(d: &sluice_core::Denial, subjects: &[Subject]) -> Response {
             r
         }
         DenialReason::NeverFits { .. } => {
-            let mut r = openai_error(
+            let mut r = wire_error(
+                wire,
                 StatusCode::TOO_MANY_REQUESTS,
                 "insufficient_quota",
                 "budget_exceeded",
@@ -338,19 +393,41 @@ async fn call_upstream(
     st: &AppState,
     provider: &crate::config::Provider,
     body: &Value,
+    client_headers: &HeaderMap,
 ) -> Upstream {
     let proxy = &st.config.proxy;
     #[allow(clippy::disallowed_methods)] // a deadline for sleeping, not a decision's clock
     let deadline = tokio::time::Instant::now() + proxy.timeout;
     let mut last = (None, String::new());
     for attempt in 0..proxy.attempts {
+        let path = match provider.wire {
+            Wire::OpenAi => "chat/completions",
+            Wire::Anthropic => "messages",
+        };
         let mut call = st
             .http
-            .post(format!("{}/chat/completions", provider.base_url))
+            .post(format!("{}/{path}", provider.base_url))
             .header(header::CONTENT_TYPE, "application/json")
             .body(body.to_string());
-        if let Some(k) = &provider.api_key {
-            call = call.bearer_auth(k);
+        match (provider.wire, &provider.api_key) {
+            (Wire::OpenAi, Some(k)) => call = call.bearer_auth(k),
+            (Wire::Anthropic, key) => {
+                if let Some(k) = key {
+                    call = call.header("x-api-key", k);
+                }
+                let version = client_headers
+                    .get("anthropic-version")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("2023-06-01");
+                call = call.header("anthropic-version", version);
+                if let Some(beta) = client_headers
+                    .get("anthropic-beta")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    call = call.header("anthropic-beta", beta);
+                }
+            }
+            (Wire::OpenAi, None) => {}
         }
         let wait = match call.send().await {
             Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
@@ -378,16 +455,30 @@ async fn call_upstream(
     Upstream::Failed(last.0, last.1)
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions` (OpenAI wire).
 pub async fn openai_chat(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    proxy_request(st, headers, body, Wire::OpenAi).await
+}
+
+/// `POST /v1/messages` (Anthropic wire).
+pub async fn anthropic_messages(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy_request(st, headers, body, Wire::Anthropic).await
+}
+
+async fn proxy_request(st: Arc<AppState>, headers: HeaderMap, body: Bytes, wire: Wire) -> Response {
     let caller = match st.keys.authenticate(&headers) {
         Ok(c) => c,
         Err(e) => {
-            return openai_error(
+            return wire_error(
+                wire,
                 e.status,
                 "invalid_request_error",
                 "invalid_api_key",
@@ -398,7 +489,8 @@ pub async fn openai_chat(
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => {
-            return openai_error(
+            return wire_error(
+                wire,
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_json",
@@ -406,7 +498,8 @@ pub async fn openai_chat(
             );
         }
         Err(e) => {
-            return openai_error(
+            return wire_error(
+                wire,
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_json",
@@ -415,7 +508,8 @@ pub async fn openai_chat(
         }
     };
     let Some(name) = req["model"].as_str().map(str::to_owned) else {
-        return openai_error(
+        return wire_error(
+            wire,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "missing_model",
@@ -423,19 +517,25 @@ pub async fn openai_chat(
         );
     };
     let Some(first) = st.config.proxy.models.get(&name).cloned() else {
-        return openai_error(
+        return wire_error(
+            wire,
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
             format!("the model `{name}` is not configured on this gateway"),
         );
     };
-    if st.config.proxy.providers[first.provider].wire != Wire::OpenAi {
-        return openai_error(
+    if st.config.proxy.providers[first.provider].wire != wire {
+        let route = match wire {
+            Wire::OpenAi => "/v1/messages (the Anthropic wire)",
+            Wire::Anthropic => "/v1/chat/completions (the OpenAI wire)",
+        };
+        return wire_error(
+            wire,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "wrong_wire",
-            format!("`{name}` is served on the Anthropic wire: use /v1/messages"),
+            format!("`{name}` is served on the other wire format: use {route}"),
         );
     }
     let streaming = req["stream"].as_bool() == Some(true);
@@ -453,17 +553,17 @@ pub async fn openai_chat(
     for (i, model) in candidates.iter().enumerate() {
         let provider = st.config.proxy.providers[model.provider].clone();
         // Each candidate holds its own worst case on its own subjects (`model:NAME` differs).
-        let held = match reserve_for(&st, &caller, &headers, &req, model).await {
+        let held = match reserve_for(wire, &st, &caller, &headers, &req, model).await {
             Ok(h) => h,
             Err(refused) => return refused,
         };
         let mut upstream_body = req.clone();
         upstream_body["model"] = Value::from(model.upstream_name.clone());
-        if streaming {
+        if streaming && wire == Wire::OpenAi {
             // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
             upstream_body["stream_options"]["include_usage"] = Value::from(true);
         }
-        let resp = match call_upstream(&st, &provider, &upstream_body).await {
+        let resp = match call_upstream(&st, &provider, &upstream_body, &headers).await {
             Upstream::Answer(r) => r,
             Upstream::Failed(last, why) => {
                 tracing::warn!("{} via {}: {why}", model.name, provider.name);
@@ -479,13 +579,14 @@ pub async fn openai_chat(
                 continue;
             }
         };
-        return answer(&st, resp, model, held, streaming, client_wants_usage).await;
+        return answer(wire, &st, resp, model, held, streaming, client_wants_usage).await;
     }
     match failure.0 {
         Some((status, bytes)) => {
             (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
-        None => openai_error(
+        None => wire_error(
+            wire,
             StatusCode::BAD_GATEWAY,
             "api_error",
             "upstream_error",
@@ -496,6 +597,7 @@ pub async fn openai_chat(
 
 /// Pass an upstream answer on and settle its reservation.
 async fn answer(
+    wire: Wire,
     st: &Arc<AppState>,
     resp: reqwest::Response,
     model: &Model,
@@ -521,11 +623,12 @@ async fn answer(
             model: model.clone(),
             held: held.amounts,
             input_estimate: held.input_estimate,
+            known_input: None,
             text_bytes: 0,
             usage: None,
             started_ns: held.now.as_nanos(),
         };
-        let mut r = stream_through(resp, settle, client_wants_usage);
+        let mut r = stream_through(wire, resp, settle, client_wants_usage);
         headers_out(&mut r);
         return r;
     }
@@ -535,7 +638,8 @@ async fn answer(
             // The upstream answered but the body broke: it may have served; charge the hold.
             let detail = json!({"model": model.name, "error": format!("upstream body: {e}")});
             finish(st, held.id, Some(held.amounts), detail).await;
-            return openai_error(
+            return wire_error(
+                wire,
                 StatusCode::BAD_GATEWAY,
                 "api_error",
                 "upstream_error",
@@ -546,9 +650,9 @@ async fn answer(
     let latency_ms = st.now().as_nanos().saturating_sub(held.now.as_nanos()) / 1_000_000;
     let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let detail = json!({"model": model.name, "upstream_model": model.upstream_name, "status": status.as_u16(),
-        "latency_ms": latency_ms, "usage_reported": usage_of(&parsed).is_some()});
+        "latency_ms": latency_ms, "usage_reported": usage_of(wire, &parsed).is_some()});
     if status.is_success() {
-        let actual = usage_of(&parsed).map_or(held.amounts, |u| amounts(model, u));
+        let actual = usage_of(wire, &parsed).map_or(held.amounts, |u| amounts(model, u));
         finish(st, held.id, Some(actual), detail).await;
     } else {
         finish(st, held.id, None, detail).await;
@@ -573,6 +677,8 @@ struct StreamSettle {
     model: Model,
     held: Amounts,
     input_estimate: u64,
+    /// Input (and cached input) reported before the stream's end (Anthropic's `message_start`).
+    known_input: Option<(u64, u64)>,
     text_bytes: u64,
     usage: Option<TokenUsage>,
     started_ns: u64,
@@ -585,8 +691,8 @@ impl StreamSettle {
             Some(u) => (u, "usage"),
             None => (
                 TokenUsage {
-                    input: self.input_estimate,
-                    cached_input: 0,
+                    input: self.known_input.map_or(self.input_estimate, |k| k.0),
+                    cached_input: self.known_input.map_or(0, |k| k.1),
                     output: (self.text_bytes.div_ceil(3)).max(1),
                 },
                 "estimated",
@@ -642,6 +748,7 @@ fn event_json(event: &[u8]) -> Option<Value> {
 /// beyond one event), reading usage and text on the way; drop the usage-only
 /// chunk Sluice asked for when the client did not.
 fn stream_through(
+    wire: Wire,
     resp: reqwest::Response,
     settle: StreamSettle,
     client_wants_usage: bool,
@@ -670,13 +777,44 @@ fn stream_through(
                 let event: Vec<u8> = s.buf.drain(..end + 2).collect();
                 let mut keep = true;
                 if let Some(v) = event_json(&event) {
-                    if let Some(u) = usage_of(&v) {
-                        s.settle.usage = Some(u);
-                        let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
-                        keep = client_wants_usage || !usage_only;
-                    }
-                    if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
-                        s.settle.text_bytes += text.len() as u64;
+                    match wire {
+                        Wire::OpenAi => {
+                            if let Some(u) = usage_of(wire, &v) {
+                                s.settle.usage = Some(u);
+                                let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
+                                keep = client_wants_usage || !usage_only;
+                            }
+                            if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
+                                s.settle.text_bytes += text.len() as u64;
+                            }
+                        }
+                        Wire::Anthropic => match v["type"].as_str() {
+                            Some("message_start") => {
+                                s.settle.known_input = anthropic_input(&v["message"]["usage"]);
+                            }
+                            Some("message_delta") => {
+                                // Cumulative output; input from message_start (or the estimate).
+                                if let Some(out) = v["usage"]["output_tokens"].as_u64() {
+                                    let (input, cached) = anthropic_input(&v["usage"])
+                                        .or(s.settle.known_input)
+                                        .unwrap_or((s.settle.input_estimate, 0));
+                                    s.settle.usage = Some(TokenUsage {
+                                        input,
+                                        cached_input: cached,
+                                        output: out,
+                                    });
+                                }
+                            }
+                            Some("content_block_delta") => {
+                                let d = &v["delta"];
+                                let text = d["text"]
+                                    .as_str()
+                                    .or(d["partial_json"].as_str())
+                                    .unwrap_or("");
+                                s.settle.text_bytes += text.len() as u64;
+                            }
+                            _ => {}
+                        },
                     }
                 }
                 if keep {

@@ -54,6 +54,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/intents", post(intent))
         .route("/v1/chat/completions", post(crate::proxy::openai_chat))
         .route("/v1/models", get(crate::proxy::openai_models))
+        .route("/v1/messages", post(crate::proxy::anthropic_messages))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -27,8 +27,11 @@ async fn setup_with(budget_usd: f64, extra: &str) -> (Server, FakeUpstream, Stri
          input_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\ncached_input_usd_per_mtok = 0.5\nmax_output_tokens = 1000\n\
          fallbacks = [\"gpt-backup\"]\n\
          [[models]]\nname = \"gpt-backup\"\nprovider = \"fake\"\n\
-         input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 4.0\nmax_output_tokens = 1000\n",
-        up.base_url
+         input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 4.0\nmax_output_tokens = 1000\n\
+         [[providers]]\nname = \"fake-anthropic\"\nformat = \"anthropic\"\nbase_url = \"{}\"\napi_key_env = \"FAKE_UPSTREAM_KEY\"\n\
+         [[models]]\nname = \"claude-test\"\nprovider = \"fake-anthropic\"\n\
+         input_usd_per_mtok = 3.0\noutput_usd_per_mtok = 15.0\ncached_input_usd_per_mtok = 0.3\nmax_output_tokens = 1000\n",
+        up.base_url, up.base_url
     );
     let s = Server::start_with(
         &dir,
@@ -206,7 +209,7 @@ async fn bad_requests_get_openai_shaped_errors() {
         .iter()
         .map(|d| d["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["gpt-backup", "gpt-test"]);
+    assert_eq!(ids, ["claude-test", "gpt-backup", "gpt-test"]);
     assert_eq!(up.requests(), 0);
     s.stop().await;
 }
@@ -421,5 +424,101 @@ async fn upstream_pushback_is_retried_and_then_fails_over() {
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(usage(&s).await["limits"][0]["used"], before);
     assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}
+
+fn claude(max_tokens: u64) -> Value {
+    json!({"model": "claude-test", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_wire_is_charged_from_usage_and_from_stream_events() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    up.set_usage(Usage {
+        input: 30,
+        cached: 10,
+        output: 9,
+    });
+    // The Anthropic SDK sends its key as x-api-key.
+    let auth = [
+        ("x-api-key", key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+        ("content-type", "application/json"),
+    ];
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/messages",
+            &auth,
+            Some(claude(100).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["content"][0]["text"], "Hello from the fake");
+    assert_eq!(r.header("x-sluice-model"), Some("claude-test"));
+    let got = &up.received()[0];
+    assert_eq!(got.wire, "anthropic");
+    assert_eq!(got.headers["x-api-key"], "upstream-secret");
+    assert_eq!(got.headers["anthropic-version"], "2023-06-01");
+    // 20 uncached × $3 + 10 cache reads × $0.3 + 9 × $15 per million = 198 µ$.
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.000198);
+
+    let mut body = claude(100);
+    body["stream"] = json!(true);
+    let r = s
+        .http
+        .post(format!("{}/v1/messages", s.url))
+        .header("x-api-key", &key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    assert!(text.contains("event: message_stop"), "{text}");
+    settled(&s).await;
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.000396);
+
+    // Refusals are Anthropic-shaped.
+    s.admin(
+        Method::PUT,
+        &format!("/v1/policies/{AGENT}"),
+        Some(json!({"limits": [{"metric": "requests", "limit": 1, "window": "1h"}]})),
+    )
+    .await;
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/messages",
+            &auth,
+            Some(claude(100).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/messages",
+            &auth,
+            Some(claude(100).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert_eq!(r.body["type"], "error");
+    assert_eq!(r.body["error"]["type"], "rate_limit_error");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(up.requests(), 3);
+    // A model on the other wire is refused with a pointer to the right route.
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/messages",
+            &auth,
+            Some(chat(10).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
     s.stop().await;
 }
