@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use sluice_test_support::upstream::FakeUpstream;
+use sluice_test_support::upstream::{FakeUpstream, Script};
 use support::*;
 
 const ADMIN: &str = "sdk-test-admin-key-0123456789";
@@ -128,12 +128,17 @@ fn the_official_openai_sdk_works_through_sluice() {
         return;
     };
     let s = Setup::start("openai", "gpt-test");
+    // The upstream pushes back once: Sluice retries, the SDK (max_retries=0) only sees success.
+    s.up.script([Script::TooMany {
+        retry_after_s: None,
+        retry_after_ms: Some(10),
+    }]);
     let out = run_script(&python, "openai/chat.py", "ok", &s.server.url, &s.key);
     assert_eq!(out["content"], "Hello from the fake");
     assert_eq!(out["streamed"], "Hello from the fake");
     assert_eq!(out["usage"], json!({"prompt": 12, "completion": 5}));
     assert_eq!(out["models"], json!(["gpt-test"]));
-    assert_eq!(s.up.requests(), 2);
+    assert_eq!(s.up.requests(), 3);
     assert_eq!(
         s.up.received()[0].headers["authorization"],
         "Bearer upstream-secret"
@@ -145,7 +150,7 @@ fn the_official_openai_sdk_works_through_sluice() {
     let out = run_script(&python, "openai/chat.py", "limited", &s.server.url, &s.key);
     assert_eq!(out["raised"], "RateLimitError", "{out}");
     assert_eq!(out["status"], 429);
-    assert_eq!(s.up.requests(), 2);
+    assert_eq!(s.up.requests(), 3);
 }
 
 #[test]
