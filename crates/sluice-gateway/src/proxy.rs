@@ -81,15 +81,92 @@ fn wire_error(
     }
 }
 
-/// A conservative input-token estimate: one token per two bytes of the
-/// request's messages as JSON (real tokenizers give about one per four bytes
-/// of English), plus a fixed overhead. An over-estimate only holds more for
-/// the request's duration; the commit charges the upstream's count.
-pub fn estimate_input_tokens(body: &Value) -> u64 {
-    let text = serde_json::to_string(&body["messages"]).unwrap_or_default();
-    let tools = body.get("tools").map_or(0, |t| t.to_string().len())
-        + body.get("system").map_or(0, |t| t.to_string().len());
-    ((text.len() + tools) as u64).div_ceil(2) + 16
+/// The tiktoken encoding of an OpenAI model, by name; `None` for models
+/// whose tokenizer Sluice does not know (other vendors on the OpenAI wire).
+fn openai_encoding(model: &str) -> Option<&'static tiktoken_rs::CoreBPE> {
+    let m = model.rsplit('/').next().unwrap_or(model);
+    if [
+        "gpt-4o",
+        "gpt-4.1",
+        "gpt-4.5",
+        "gpt-5",
+        "o1",
+        "o3",
+        "o4",
+        "chatgpt-4o",
+    ]
+    .iter()
+    .any(|p| m.starts_with(p))
+    {
+        Some(tiktoken_rs::o200k_base_singleton())
+    } else if m.starts_with("gpt-4") || m.starts_with("gpt-3.5") {
+        Some(tiktoken_rs::cl100k_base_singleton())
+    } else {
+        None
+    }
+}
+
+/// Load the tokenizers the configured models need (at start, not on the first request).
+pub fn warm_tokenizers(models: &std::collections::BTreeMap<String, Model>) {
+    for m in models.values() {
+        let _ = openai_encoding(&m.upstream_name);
+    }
+}
+
+/// Tokens an image part can cost at most (a high-detail 2048 × 768 image: 85 + 6 × 170).
+const IMAGE_TOKENS: u64 = 1_105;
+
+/// The conservative fallback: one token per two bytes of JSON.
+fn bytes_estimate(v: &Value) -> u64 {
+    (v.to_string().len() as u64).div_ceil(2)
+}
+
+/// The input tokens of a request, for its worst case.
+///
+/// OpenAI models with a known tokenizer: exact tiktoken counts of every text
+/// (message contents and names, the system prompt), OpenAI's per-message
+/// framing (3 tokens a message, 3 to prime the reply), an image's maximum
+/// (1,105) per image part, and one token per two bytes for anything else
+/// (tools, audio, unknown parts). Other models (Anthropic's, unknown ones):
+/// one token per two bytes of the messages, system prompt and tools as JSON,
+/// which over-counts English about twofold. Either way the commit charges
+/// the upstream's own count; the estimate only decides what is held.
+pub fn estimate_input_tokens(model: &str, body: &Value) -> u64 {
+    let extras = ["tools", "functions", "response_format"]
+        .iter()
+        .filter_map(|k| body.get(*k))
+        .map(bytes_estimate)
+        .sum::<u64>();
+    let Some(bpe) = openai_encoding(model) else {
+        let system = body.get("system").map_or(0, bytes_estimate);
+        return bytes_estimate(&body["messages"]) + system + extras + 16;
+    };
+    let count = |t: &str| bpe.encode_with_special_tokens(t).len() as u64;
+    let mut total = 3 + extras;
+    for m in body["messages"].as_array().into_iter().flatten() {
+        total += 3 + m["role"].as_str().map_or(1, count);
+        if let Some(name) = m["name"].as_str() {
+            total += 1 + count(name);
+        }
+        match &m["content"] {
+            Value::String(t) => total += count(t),
+            Value::Array(parts) => {
+                for part in parts {
+                    total += match part["type"].as_str() {
+                        Some("text") => part["text"].as_str().map_or(0, count),
+                        Some("image_url") | Some("input_image") => IMAGE_TOKENS,
+                        _ => bytes_estimate(part),
+                    };
+                }
+            }
+            Value::Null => {}
+            other => total += bytes_estimate(other),
+        }
+        if let Some(calls) = m.get("tool_calls") {
+            total += bytes_estimate(calls);
+        }
+    }
+    total
 }
 
 /// The output-token bound of a request: what it asks for, capped at the model's maximum.
@@ -232,7 +309,7 @@ async fn reserve_for(
         )
     })?;
     let worst_usage = TokenUsage {
-        input: estimate_input_tokens(req),
+        input: estimate_input_tokens(&model.upstream_name, req),
         cached_input: 0,
         output: output_bound(req, model),
     };
@@ -880,4 +957,37 @@ pub async fn openai_models(State(st): State<Arc<AppState>>, headers: HeaderMap) 
         json!({"object": "list", "data": data}).to_string(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_estimates_count_tokens_exactly_with_the_framing() {
+        let body = json!({"messages": [{"role": "user", "content": "Say hello."}]});
+        // 3 (reply priming) + 3 (message) + 1 ("user") + 3 ("Say", " hello", ".").
+        assert_eq!(estimate_input_tokens("gpt-4o-mini", &body), 10);
+        assert_eq!(estimate_input_tokens("gpt-4o-2024-08-06", &body), 10);
+        assert_eq!(estimate_input_tokens("openai/gpt-4.1", &body), 10);
+        // cl100k for gpt-4 and gpt-3.5.
+        assert_eq!(estimate_input_tokens("gpt-3.5-turbo", &body), 10);
+        // Unknown tokenizer: the byte estimate, larger.
+        assert!(estimate_input_tokens("llama-3", &body) > 10);
+        // Far tighter than the byte estimate on long English text, and never below the exact count.
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(200);
+        let long = json!({"messages": [{"role": "user", "content": text}]});
+        let exact = tiktoken_rs::o200k_base_singleton()
+            .encode_with_special_tokens(&text)
+            .len() as u64;
+        let est = estimate_input_tokens("gpt-4o", &long);
+        assert!(est >= exact && est <= exact + 10, "{est} vs {exact}");
+        assert!(est * 2 < estimate_input_tokens("llama-3", &long));
+        // Parts: text counted, images at their maximum.
+        let parts = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Say hello."},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        ]}]});
+        assert_eq!(estimate_input_tokens("gpt-4o", &parts), 10 + IMAGE_TOKENS);
+    }
 }

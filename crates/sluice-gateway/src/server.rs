@@ -302,6 +302,7 @@ impl Gateway {
             config,
             policies: RwLock::new(policies),
         });
+        crate::proxy::warm_tokenizers(&state.config.proxy.models);
         let recovery = replay(&state).await?;
         let tasks = vec![
             tokio::spawn(expire_leases(Arc::clone(&state))),

@@ -219,7 +219,7 @@ async fn fifty_parallel_requests_never_overspend_and_all_settle() {
     // Each worst case: (input estimate + 100 output) tokens; the budget fits about 10 of them.
     let worst = {
         let body = chat(100);
-        let input = sluice_gateway::proxy::estimate_input_tokens(&body);
+        let input = sluice_gateway::proxy::estimate_input_tokens("fake-model-1", &body);
         (input * 2 + 100 * 8) as f64 / 1e6
     };
     let (s, up, key2, _dir2) = setup(worst * 10.0).await;
@@ -322,7 +322,7 @@ async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
     let (s, up, key, _dir) = setup(10.0).await;
     let mut body = chat(500);
     body["stream"] = json!(true);
-    let input = sluice_gateway::proxy::estimate_input_tokens(&body);
+    let input = sluice_gateway::proxy::estimate_input_tokens("fake-model-1", &body);
     // The upstream breaks after two chunks ("Hello", " from": 10 bytes -> 4 tokens).
     up.script([Script::Disconnect { after_chunks: 2 }]);
     let mut r = stream_call(&s, &key, body.clone()).await;
