@@ -640,7 +640,18 @@ async fn proxy_request(st: Arc<AppState>, headers: HeaderMap, body: Bytes, wire:
             // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
             upstream_body["stream_options"]["include_usage"] = Value::from(true);
         }
-        let resp = match call_upstream(&st, &provider, &upstream_body, &headers).await {
+        // If the client goes away while the upstream works, this request is
+        // dropped here: the guard settles it at once at the held worst case
+        // (the upstream may still serve and bill it) instead of at lease expiry.
+        let guard = Abandoned {
+            st: Arc::clone(&st),
+            id: Some(held.id),
+            held: held.amounts,
+            model: model.name.clone(),
+        };
+        let called = call_upstream(&st, &provider, &upstream_body, &headers).await;
+        guard.disarm();
+        let resp = match called {
             Upstream::Answer(r) => r,
             Upstream::Failed(last, why) => {
                 tracing::warn!("{} via {}: {why}", model.name, provider.name);
@@ -669,6 +680,38 @@ async fn proxy_request(st: Arc<AppState>, headers: HeaderMap, body: Bytes, wire:
             "upstream_error",
             failure.1,
         ),
+    }
+}
+
+/// Settles a reservation at its held amounts if dropped before being disarmed.
+struct Abandoned {
+    st: Arc<AppState>,
+    id: Option<sluice_core::ReservationId>,
+    held: Amounts,
+    model: String,
+}
+
+impl Abandoned {
+    fn disarm(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let detail = json!({"model": self.model, "abandoned": "the client went away before the upstream answered"});
+        if let Some(row) = settle_now(&self.st, id, Some(self.held), &detail) {
+            let st = Arc::clone(&self.st);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move { st.ledger.record(vec![row], None).await });
+                }
+                Err(_) => tracing::error!(
+                    "no runtime to record an abandoned request's ledger row: {row:?}"
+                ),
+            }
+        }
     }
 }
 

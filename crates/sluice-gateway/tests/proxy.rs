@@ -522,3 +522,27 @@ async fn the_anthropic_wire_is_charged_from_usage_and_from_stream_events() {
     assert_eq!(r.body["error"]["type"], "invalid_request_error");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_answer_is_settled_at_once_at_the_hold() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    up.set_chunk_delay(std::time::Duration::from_millis(250)); // a 1 s answer
+    let body = chat(100);
+    let held = (sluice_gateway::proxy::estimate_input_tokens("fake-model-1", &body) * 2 + 100 * 8)
+        as f64
+        / 1e6;
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .timeout(std::time::Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client should give up first");
+    settled(&s).await;
+    let used = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
+    assert!((used - held).abs() < 1e-9, "charged {used}, held {held}");
+    s.stop().await;
+}

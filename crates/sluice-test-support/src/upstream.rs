@@ -127,7 +127,7 @@ impl FakeUpstream {
         lock(&self.inner).usage = usage;
     }
 
-    /// Delay before each streamed chunk.
+    /// Delay before each streamed chunk (a non-streaming OpenAI answer waits for all of them).
     pub fn set_chunk_delay(&self, delay: Duration) {
         lock(&self.inner).delay = delay;
     }
@@ -269,6 +269,10 @@ async fn openai_chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> R
         }
         events.push("data: [DONE]\n\n".to_owned());
         return sse(events, delay, cut);
+    }
+    if !delay.is_zero() {
+        // A slow answer: as long as streaming all the chunks would take.
+        tokio::time::sleep(delay * u32::try_from(chunks.len()).unwrap_or(1)).await;
     }
     let answer = json!({
         "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
