@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use sluice_core::{Amounts, DenialReason, Request, ReservationError, Subject};
@@ -396,11 +396,8 @@ fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject]) -> Respons
             r
         }
     };
-    for (k, v) in ratelimit::denied(d) {
-        if let Ok(v) = HeaderValue::try_from(v) {
-            r.headers_mut().insert(HeaderName::from_static(k), v);
-        }
-    }
+    r.headers_mut()
+        .extend(ratelimit::typed(ratelimit::denied(d)));
     r
 }
 
@@ -730,11 +727,8 @@ async fn answer(
         if let Ok(v) = HeaderValue::try_from(model.name.as_str()) {
             r.headers_mut().insert("x-sluice-model", v);
         }
-        for (k, v) in ratelimit::allowed(&held.limits, held.now) {
-            if let Ok(v) = HeaderValue::try_from(v) {
-                r.headers_mut().insert(HeaderName::from_static(k), v);
-            }
-        }
+        r.headers_mut()
+            .extend(ratelimit::typed(ratelimit::allowed(&held.limits, held.now)));
     };
     if streaming && status.is_success() {
         let settle = StreamSettle {

@@ -64,6 +64,19 @@ fn headers(
     ]
 }
 
+/// Header pairs as typed headers (names are static and valid; a value that
+/// is not a valid header value is skipped).
+pub fn typed(
+    pairs: Vec<(&'static str, String)>,
+) -> impl Iterator<Item = (axum::http::HeaderName, axum::http::HeaderValue)> {
+    pairs.into_iter().filter_map(|(k, v)| {
+        Some((
+            axum::http::HeaderName::from_static(k),
+            axum::http::HeaderValue::try_from(v).ok()?,
+        ))
+    })
+}
+
 /// The tightest limit of an allowed decision.
 pub fn tightest(statuses: &[LimitStatus]) -> Option<&LimitStatus> {
     statuses.iter().min_by(|a, b| {

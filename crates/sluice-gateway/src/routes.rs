@@ -78,10 +78,7 @@ impl Reply {
     }
 
     fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> Reply {
-        self.headers
-            .extend(headers.into_iter().filter_map(|(k, v)| {
-                Some((HeaderName::from_static(k), HeaderValue::try_from(v).ok()?))
-            }));
+        self.headers.extend(ratelimit::typed(headers));
         self
     }
 
@@ -402,11 +399,7 @@ fn denial_error(d: &Denial, subjects: &[Subject]) -> (ApiError, Outcome) {
             Value::from(wire::window_name(d.window).into_owned()),
         )
         .with("limit", metric_value(d.metric, d.limit));
-    for (k, v) in ratelimit::denied(d) {
-        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
-            e.headers.push((k, v));
-        }
-    }
+    e.headers.extend(ratelimit::typed(ratelimit::denied(d)));
     (e, outcome)
 }
 

@@ -234,6 +234,19 @@ fn sse(events: Vec<String>, delay: Duration, cut: Option<usize>) -> Response {
         .into_response()
 }
 
+/// A JSON answer, or (scripted to break) its first half and then a dropped connection.
+fn json_or_cut(answer: &Value, cut: Option<usize>) -> Response {
+    let text = answer.to_string();
+    match cut {
+        Some(_) => sse(
+            vec![text[..text.len() / 2].to_owned()],
+            Duration::ZERO,
+            Some(1),
+        ),
+        None => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+    }
+}
+
 async fn openai_chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
     let (script, usage, chunks, delay, req) = begin(&inner, "openai", headers, &body);
     if let Some(r) = error_response(&script, "openai") {
@@ -279,15 +292,7 @@ async fn openai_chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> R
         "choices": [{"index": 0, "message": {"role": "assistant", "content": chunks.concat()}, "finish_reason": "stop"}],
         "usage": usage_json,
     });
-    let text = answer.to_string();
-    match cut {
-        Some(_) => sse(
-            vec![text[..text.len() / 2].to_owned()],
-            Duration::ZERO,
-            Some(1),
-        ),
-        None => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
-    }
+    json_or_cut(&answer, cut)
 }
 
 async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
@@ -332,13 +337,5 @@ async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Byte
         "stop_reason": "end_turn",
         "usage": {"input_tokens": uncached, "cache_read_input_tokens": usage.cached, "output_tokens": usage.output},
     });
-    let text = answer.to_string();
-    match cut {
-        Some(_) => sse(
-            vec![text[..text.len() / 2].to_owned()],
-            Duration::ZERO,
-            Some(1),
-        ),
-        None => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
-    }
+    json_or_cut(&answer, cut)
 }
