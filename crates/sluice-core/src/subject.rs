@@ -26,6 +26,9 @@ pub enum SubjectKind {
     Ip,
     /// `model:NAME`
     Model,
+    /// `provider:PROVIDER/MODEL`: an upstream provider's own quota on one of
+    /// its models (the gateway sets these from its configuration).
+    Provider,
     /// `global`
     Global,
 }
@@ -41,6 +44,7 @@ impl SubjectKind {
             SubjectKind::Session => "session:",
             SubjectKind::Ip => "ip:",
             SubjectKind::Model => "model:",
+            SubjectKind::Provider => "provider:",
             SubjectKind::Global => "global",
         }
     }
@@ -57,7 +61,7 @@ pub enum SubjectError {
     TooLong,
     /// No known prefix.
     #[error(
-        "unknown subject kind in {0:?}: expected agent://org/env/name, user:ID, key:ID, team:ID, session:ID, ip:ADDR, model:NAME or global"
+        "unknown subject kind in {0:?}: expected agent://org/env/name, user:ID, key:ID, team:ID, session:ID, ip:ADDR, model:NAME, provider:NAME/MODEL or global"
     )]
     UnknownKind(String),
     /// The part after the prefix is empty.
@@ -147,6 +151,7 @@ impl Subject {
             "session" => SubjectKind::Session,
             "ip" => SubjectKind::Ip,
             "model" => SubjectKind::Model,
+            "provider" => SubjectKind::Provider,
             _ => return Err(SubjectError::UnknownKind(s.to_owned())),
         };
         if id.is_empty() {
@@ -261,6 +266,7 @@ mod tests {
             ("ip:10.0.0.1", SubjectKind::Ip),
             ("model:gpt-4o-mini", SubjectKind::Model),
             ("model:openrouter/anthropic/claude-3.5", SubjectKind::Model),
+            ("provider:openai/gpt-4o-mini", SubjectKind::Provider),
             ("global", SubjectKind::Global),
         ] {
             let subject = Subject::parse(s).unwrap();

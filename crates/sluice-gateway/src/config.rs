@@ -109,6 +109,10 @@ pub struct ModelDef {
     /// Models tried in order when this one's provider keeps failing.
     #[serde(default)]
     pub fallbacks: Vec<String>,
+    /// The provider's requests-per-minute quota on this model, enforced locally.
+    pub rpm: Option<u64>,
+    /// The provider's tokens-per-minute quota (input + worst-case output), enforced locally.
+    pub tpm: Option<u64>,
 }
 
 /// A provider's wire format.
@@ -159,6 +163,18 @@ pub struct Model {
     pub max_output_tokens: u64,
     /// Fallback models, in order.
     pub fallbacks: Vec<String>,
+    /// `provider:PROVIDER/UPSTREAM_NAME` when the provider's quota on this
+    /// upstream model is configured (shared by every alias of it).
+    pub quota_subject: Option<String>,
+}
+
+/// A provider's per-minute quota on one upstream model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests per rolling minute.
+    pub rpm: Option<u64>,
+    /// Tokens per rolling minute.
+    pub tpm: Option<u64>,
 }
 
 /// The proxy's providers and models.
@@ -174,6 +190,8 @@ pub struct Proxy {
     pub attempts: u32,
     /// Back-off base.
     pub backoff: Duration,
+    /// Provider quotas by subject (`provider:PROVIDER/UPSTREAM_NAME`).
+    pub quotas: std::collections::BTreeMap<String, Quota>,
 }
 
 impl Default for Proxy {
@@ -184,6 +202,7 @@ impl Default for Proxy {
             timeout: Duration::from_secs(600),
             attempts: 3,
             backoff: Duration::from_millis(250),
+            quotas: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -250,6 +269,8 @@ fn resolve_proxy(
     };
     let builtin = crate::pricing::PriceTable::builtin();
     let mut models = std::collections::BTreeMap::new();
+    let mut quotas: std::collections::BTreeMap<String, (Quota, usize)> =
+        std::collections::BTreeMap::new();
     for (i, m) in file.models.iter().enumerate() {
         let key = |f: &str| format!("models[{i}].{f}");
         if m.name.is_empty() || models.contains_key(&m.name) {
@@ -291,6 +312,37 @@ fn resolve_proxy(
         let max_output_tokens = m.max_output_tokens.or(price.max_output_tokens).filter(|n| *n > 0).ok_or_else(|| {
             ConfigError::new(&key("max_output_tokens"), format!("unknown for {upstream_name:?}: set it (the worst case of a request needs it)"))
         })?;
+        for (field, v) in [("rpm", m.rpm), ("tpm", m.tpm)] {
+            if v == Some(0) {
+                return Err(ConfigError::new(
+                    &key(field),
+                    "must be at least 1 (leave it out for no quota)",
+                ));
+            }
+        }
+        let quota_subject = format!("provider:{}/{upstream_name}", providers[provider].name);
+        sluice_core::Subject::parse(&quota_subject).map_err(|e| {
+            ConfigError::new(&key("upstream_name"), format!("cannot name its quota: {e}"))
+        })?;
+        if m.rpm.is_some() || m.tpm.is_some() {
+            let quota = Quota {
+                rpm: m.rpm,
+                tpm: m.tpm,
+            };
+            match quotas.get(&quota_subject) {
+                Some((q, j)) if *q != quota => {
+                    return Err(ConfigError::new(
+                        &key("rpm"),
+                        format!(
+                            "models[{j}] serves the same upstream model with a different rpm/tpm; one provider quota needs one value"
+                        ),
+                    ));
+                }
+                _ => {
+                    quotas.insert(quota_subject.clone(), (quota, i));
+                }
+            }
+        }
         models.insert(
             m.name.clone(),
             Model {
@@ -300,6 +352,7 @@ fn resolve_proxy(
                 price,
                 max_output_tokens,
                 fallbacks: m.fallbacks.clone(),
+                quota_subject: Some(quota_subject),
             },
         );
     }
@@ -318,6 +371,15 @@ fn resolve_proxy(
                     format!("{f:?} must be another model on the same wire format"),
                 ));
             }
+        }
+    }
+    // Only upstream models with a quota carry its subject.
+    for m in models.values_mut() {
+        if m.quota_subject
+            .as_ref()
+            .is_some_and(|q| !quotas.contains_key(q))
+        {
+            m.quota_subject = None;
         }
     }
     let timeout = seconds("upstream_timeout_s", file.upstream_timeout_s, 600.0)?;
@@ -341,6 +403,7 @@ fn resolve_proxy(
         timeout,
         attempts,
         backoff: Duration::from_millis(backoff_ms),
+        quotas: quotas.into_iter().map(|(s, (q, _))| (s, q)).collect(),
     })
 }
 

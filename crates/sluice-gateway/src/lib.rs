@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod estimate;
 pub mod idempotency;
 pub mod json;
 pub mod ledger;

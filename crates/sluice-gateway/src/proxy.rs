@@ -1,15 +1,18 @@
-//! The LLM proxy: OpenAI's `POST /v1/chat/completions`, Anthropic's
-//! `POST /v1/messages` (both streaming or not) and `GET /v1/models`.
+//! The LLM proxy. OpenAI wire: `POST /v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings`, `/v1/responses` and `GET /v1/models`;
+//! Anthropic wire: `POST /v1/messages` and `/v1/messages/count_tokens`.
 //!
-//! One request: estimate the worst case (input tokens from the request's
-//! size, output tokens from `max_completion_tokens`/`max_tokens` or the
-//! model's maximum, priced exactly), reserve it on every subject (the key's
-//! own, `user:`/`session:` from `x-sluice-user`/`x-sluice-session`,
-//! `model:NAME`, `global`), forward with the server's upstream key, then
-//! commit what the upstream reports in `usage`. Every exit path settles: an
-//! upstream error or an unreachable upstream releases (nothing was served); a
-//! success without `usage` is charged the held worst case; a client that goes
-//! away leaves the lease to expire, which counts the held amounts.
+//! One request: estimate its worst case ([`crate::estimate`] for the input,
+//! the request's own output cap or the model's maximum, times `n`), reserve
+//! it on every subject (the key's own, `user:`/`session:` from
+//! `x-sluice-user`/`x-sluice-session`, `model:NAME`, `global`, and the
+//! provider's quota `provider:PROVIDER/MODEL` when `rpm`/`tpm` are set),
+//! forward with the server's upstream key, then commit what the upstream
+//! reports in `usage`. Every exit path settles: an upstream error or an
+//! unreachable upstream releases (nothing was served); a success without
+//! `usage` is charged the held worst case; a stream cut short is charged what
+//! was streamed; a client that goes away before the answer is charged the
+//! hold at once (the upstream may still bill it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,104 +84,93 @@ fn wire_error(
     }
 }
 
-/// The tiktoken encoding of an OpenAI model, by name; `None` for models
-/// whose tokenizer Sluice does not know (other vendors on the OpenAI wire).
-fn openai_encoding(model: &str) -> Option<&'static tiktoken_rs::CoreBPE> {
-    let m = model.rsplit('/').next().unwrap_or(model);
-    if [
-        "gpt-4o",
-        "gpt-4.1",
-        "gpt-4.5",
-        "gpt-5",
-        "o1",
-        "o3",
-        "o4",
-        "chatgpt-4o",
-    ]
-    .iter()
-    .any(|p| m.starts_with(p))
-    {
-        Some(tiktoken_rs::o200k_base_singleton())
-    } else if m.starts_with("gpt-4") || m.starts_with("gpt-3.5") {
-        Some(tiktoken_rs::cl100k_base_singleton())
-    } else {
-        None
+/// A proxied route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// OpenAI `POST /v1/chat/completions`.
+    Chat,
+    /// OpenAI `POST /v1/completions` (legacy text completions).
+    Completions,
+    /// OpenAI `POST /v1/embeddings`.
+    Embeddings,
+    /// OpenAI `POST /v1/responses`.
+    Responses,
+    /// Anthropic `POST /v1/messages`.
+    Messages,
+}
+
+impl Endpoint {
+    /// Its wire format.
+    pub fn wire(self) -> Wire {
+        match self {
+            Endpoint::Messages => Wire::Anthropic,
+            _ => Wire::OpenAi,
+        }
+    }
+
+    /// Its path under the provider's base URL.
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
+        }
+    }
+
+    /// Whether it can stream.
+    fn streams(self) -> bool {
+        self != Endpoint::Embeddings
     }
 }
 
 /// Load the tokenizers the configured models need (at start, not on the first request).
 pub fn warm_tokenizers(models: &std::collections::BTreeMap<String, Model>) {
-    for m in models.values() {
-        let _ = openai_encoding(&m.upstream_name);
-    }
-}
-
-/// Tokens an image part can cost at most (a high-detail 2048 × 768 image: 85 + 6 × 170).
-const IMAGE_TOKENS: u64 = 1_105;
-
-/// The conservative fallback: one token per two bytes of JSON.
-fn bytes_estimate(v: &Value) -> u64 {
-    (v.to_string().len() as u64).div_ceil(2)
+    crate::estimate::warm(models);
 }
 
 /// The input tokens of a request, for its worst case.
-///
-/// OpenAI models with a known tokenizer: exact tiktoken counts of every text
-/// (message contents and names, the system prompt), OpenAI's per-message
-/// framing (3 tokens a message, 3 to prime the reply), an image's maximum
-/// (1,105) per image part, and one token per two bytes for anything else
-/// (tools, audio, unknown parts). Other models (Anthropic's, unknown ones):
-/// one token per two bytes of the messages, system prompt and tools as JSON,
-/// which over-counts English about twofold. Either way the commit charges
-/// the upstream's own count; the estimate only decides what is held.
-pub fn estimate_input_tokens(model: &str, body: &Value) -> u64 {
-    let extras = ["tools", "functions", "response_format"]
-        .iter()
-        .filter_map(|k| body.get(*k))
-        .map(bytes_estimate)
-        .sum::<u64>();
-    let Some(bpe) = openai_encoding(model) else {
-        let system = body.get("system").map_or(0, bytes_estimate);
-        return bytes_estimate(&body["messages"]) + system + extras + 16;
-    };
-    let count = |t: &str| bpe.encode_with_special_tokens(t).len() as u64;
-    let mut total = 3 + extras;
-    for m in body["messages"].as_array().into_iter().flatten() {
-        total += 3 + m["role"].as_str().map_or(1, count);
-        if let Some(name) = m["name"].as_str() {
-            total += 1 + count(name);
-        }
-        match &m["content"] {
-            Value::String(t) => total += count(t),
-            Value::Array(parts) => {
-                for part in parts {
-                    total += match part["type"].as_str() {
-                        Some("text") => part["text"].as_str().map_or(0, count),
-                        Some("image_url") | Some("input_image") => IMAGE_TOKENS,
-                        _ => bytes_estimate(part),
-                    };
-                }
-            }
-            Value::Null => {}
-            other => total += bytes_estimate(other),
-        }
-        if let Some(calls) = m.get("tool_calls") {
-            total += bytes_estimate(calls);
-        }
+pub fn estimate_input_tokens(endpoint: Endpoint, model: &str, body: &Value) -> u64 {
+    use crate::estimate as e;
+    match endpoint {
+        Endpoint::Chat => e::openai_chat(model, body),
+        Endpoint::Completions => e::openai_prompt(model, &body["prompt"]),
+        Endpoint::Embeddings => e::openai_prompt(model, &body["input"]),
+        Endpoint::Responses => e::openai_responses(model, body),
+        Endpoint::Messages => e::anthropic_messages(model, body),
     }
-    total
 }
 
-/// The output-token bound of a request: what it asks for, capped at the model's maximum.
-pub fn output_bound(body: &Value, model: &Model) -> u64 {
-    body.get("max_completion_tokens")
-        .or_else(|| body.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .map_or(model.max_output_tokens, |n| n.min(model.max_output_tokens))
+/// The output-token bound of a request: what it asks for (capped at the
+/// model's maximum, or the maximum when it does not say), times the
+/// completions it asks for (`n`, `best_of`). Embeddings produce none.
+pub fn output_bound(endpoint: Endpoint, body: &Value, model: &Model) -> u64 {
+    let asked = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_u64))
+            .map_or(model.max_output_tokens, |n| n.min(model.max_output_tokens))
+    };
+    let copies = |keys: &[&str]| {
+        keys.iter()
+            .filter_map(|k| body.get(*k).and_then(Value::as_u64))
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    };
+    match endpoint {
+        Endpoint::Chat => {
+            asked(&["max_completion_tokens", "max_tokens"]).saturating_mul(copies(&["n"]))
+        }
+        Endpoint::Completions => asked(&["max_tokens"]).saturating_mul(copies(&["n", "best_of"])),
+        Endpoint::Embeddings => 0,
+        Endpoint::Responses => asked(&["max_output_tokens"]),
+        Endpoint::Messages => asked(&["max_tokens"]),
+    }
 }
 
 /// The subjects a proxied request is counted against, or what is wrong with a header.
-fn subjects(caller: &Caller, headers: &HeaderMap, model: &str) -> Result<Vec<Subject>, String> {
+fn subjects(caller: &Caller, headers: &HeaderMap, model: &Model) -> Result<Vec<Subject>, String> {
     let mut out = Vec::new();
     if let Caller::Agent(k) = caller {
         out.push(k.subject.clone());
@@ -190,23 +182,39 @@ fn subjects(caller: &Caller, headers: &HeaderMap, model: &str) -> Result<Vec<Sub
             out.push(s);
         }
     }
-    let model = Subject::parse(&format!("model:{model}")).map_err(|e| format!("model: {e}"))?;
-    out.push(model);
+    let name =
+        Subject::parse(&format!("model:{}", model.name)).map_err(|e| format!("model: {e}"))?;
+    out.push(name);
     out.push(Subject::global());
+    // The provider's quota goes last: its statuses are left out of the agent's headers.
+    if let Some(q) = &model.quota_subject {
+        out.push(Subject::parse(q).map_err(|e| format!("quota: {e}"))?);
+    }
     Ok(out)
 }
 
-fn usage_of(wire: Wire, v: &Value) -> Option<TokenUsage> {
-    let u = v.get("usage")?;
-    match wire {
-        Wire::OpenAi => Some(TokenUsage {
+/// The usage an answer (or a stream event carrying a whole answer) reports.
+fn usage_of(endpoint: Endpoint, v: &Value) -> Option<TokenUsage> {
+    let u = v.get("usage").filter(|u| u.is_object())?;
+    match endpoint {
+        Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings => Some(TokenUsage {
             input: u.get("prompt_tokens")?.as_u64()?,
             cached_input: u["prompt_tokens_details"]["cached_tokens"]
                 .as_u64()
                 .unwrap_or(0),
-            output: u.get("completion_tokens")?.as_u64()?,
+            output: match endpoint {
+                Endpoint::Embeddings => 0,
+                _ => u.get("completion_tokens")?.as_u64()?,
+            },
         }),
-        Wire::Anthropic => {
+        Endpoint::Responses => Some(TokenUsage {
+            input: u.get("input_tokens")?.as_u64()?,
+            cached_input: u["input_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+            output: u.get("output_tokens")?.as_u64()?,
+        }),
+        Endpoint::Messages => {
             let (input, cached) = anthropic_input(u)?;
             Some(TokenUsage {
                 input,
@@ -240,6 +248,7 @@ fn settle_now(
     id: sluice_core::ReservationId,
     actual: Option<Amounts>,
     detail: &Value,
+    request_id: Option<String>,
 ) -> Option<LedgerRow> {
     let public = st.reservations.public_id(id);
     let meta = st.reservations.take(id)?;
@@ -264,7 +273,7 @@ fn settle_now(
         held: Some(meta.held),
         reserved_ns: Some(meta.reserved_ns),
         caller: meta.caller,
-        request_id: None,
+        request_id,
         detail: Some(detail.to_string()),
     })
 }
@@ -275,8 +284,9 @@ async fn finish(
     id: sluice_core::ReservationId,
     actual: Option<Amounts>,
     detail: Value,
+    request_id: Option<String>,
 ) {
-    if let Some(row) = settle_now(st, id, actual, &detail) {
+    if let Some(row) = settle_now(st, id, actual, &detail, request_id) {
         st.ledger.record(vec![row], None).await;
     }
 }
@@ -284,34 +294,45 @@ async fn finish(
 /// A reservation held for one candidate model.
 struct Held {
     id: sluice_core::ReservationId,
+    /// The agent's own limits (the provider quota's left out).
     limits: sluice_core::Statuses,
     amounts: Amounts,
     input_estimate: u64,
     now: sluice_core::Timestamp,
 }
 
+/// A refused reservation: the answer, and whether the provider's quota refused
+/// (another model may serve) rather than one of the agent's own limits.
+struct Refused {
+    response: Response,
+    by_quota: bool,
+}
+
 /// Reserve a request's worst case for `model`, record it, or answer the refusal.
 async fn reserve_for(
-    wire: Wire,
+    endpoint: Endpoint,
     st: &AppState,
     caller: &Caller,
     headers: &HeaderMap,
     req: &Value,
     model: &Model,
-) -> Result<Held, Response> {
-    let subjects = subjects(caller, headers, &model.name).map_err(|e| {
-        wire_error(
+) -> Result<Held, Refused> {
+    let wire = endpoint.wire();
+    let subjects = subjects(caller, headers, model).map_err(|e| Refused {
+        response: wire_error(
             wire,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "invalid_subject",
             e,
-        )
+        ),
+        by_quota: false,
     })?;
+    let quota_index = model.quota_subject.as_ref().map(|_| subjects.len() - 1);
     let worst_usage = TokenUsage {
-        input: estimate_input_tokens(&model.upstream_name, req),
+        input: estimate_input_tokens(endpoint, &model.upstream_name, req),
         cached_input: 0,
-        output: output_bound(req, model),
+        output: output_bound(endpoint, req, model),
     };
     let held = amounts(model, worst_usage);
     // Every attempt and back-off fits in the lease, with a minute to spare.
@@ -322,7 +343,13 @@ async fn reserve_for(
         .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease))
     {
         Ok(r) => r,
-        Err(d) => return Err(refusal(wire, &d, &subjects)),
+        Err(d) => {
+            let by_quota = Some(d.subject) == quota_index;
+            return Err(Refused {
+                response: refusal(wire, &d, &subjects, by_quota),
+                by_quota,
+            });
+        }
     };
     let public = st.reservations.public_id(reservation.id);
     let subject_names: Vec<String> = subjects.iter().map(|s| s.as_str().to_owned()).collect();
@@ -348,18 +375,25 @@ async fn reserve_for(
         detail: Some(json!({"model": model.name}).to_string()),
     };
     st.ledger.record(vec![row], None).await;
+    let mut limits = reservation.limits;
+    limits.retain(|l| Some(l.subject) != quota_index);
     Ok(Held {
         id: reservation.id,
-        limits: reservation.limits,
+        limits,
         amounts: held,
         input_estimate: worst_usage.input,
         now,
     })
 }
 
-/// The OpenAI-shaped answer to a refusal.
-fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject]) -> Response {
+/// The wire-shaped answer to a refusal.
+fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject], by_quota: bool) -> Response {
     let subject = subjects.get(d.subject).map_or("", Subject::as_str);
+    let whose = if by_quota {
+        format!("the provider quota {subject}")
+    } else {
+        subject.to_owned()
+    };
     let mut r = match d.reason {
         DenialReason::RetryAfter(wait) => {
             let mut r = wire_error(
@@ -368,7 +402,7 @@ fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject]) -> Respons
                 "rate_limit_exceeded",
                 "rate_limit_exceeded",
                 format!(
-                    "{subject} reached its {} limit per {}; retry in {}s",
+                    "{whose} reached its {} limit per {}; retry in {}s",
                     d.metric.name(),
                     crate::wire::window_name(d.window),
                     ratelimit::ceil_secs(wait)
@@ -387,7 +421,7 @@ fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject]) -> Respons
                 "insufficient_quota",
                 "budget_exceeded",
                 format!(
-                    "this request's worst case exceeds {subject}'s {} limit itself; lower max_tokens",
+                    "this request's worst case exceeds {whose}'s {} limit itself; lower max_tokens",
                     d.metric.name()
                 ),
             );
@@ -409,21 +443,44 @@ enum Upstream {
     Failed(Option<(StatusCode, Bytes)>, String),
 }
 
-/// The wait an upstream asks for: `retry-after-ms`, `retry-after` (seconds),
-/// or the earliest `x-ratelimit-reset-*` (`1s`, `20ms`, `6m0s`).
-fn upstream_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+/// The wait an upstream asks for: `retry-after-ms`, then `retry-after`
+/// (seconds), then its rate-limit reset headers: OpenAI's
+/// `x-ratelimit-reset-{requests,tokens}` (`1s`, `20ms`, `6m0s`) and
+/// Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset`
+/// (RFC 3339 instants, measured from `now`). Of those, the latest reset among
+/// the limits whose `remaining` is 0 (all of them must reset), else the earliest.
+fn upstream_wait(
+    headers: &reqwest::header::HeaderMap,
+    now: sluice_core::Timestamp,
+) -> Option<Duration> {
     let get = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+        return Some(Duration::from_secs_f64(
+            ms.clamp(0.0, 86_400_000.0) / 1000.0,
+        ));
     }
     if let Some(s) = get("retry-after").and_then(|v| v.trim().parse::<f64>().ok()) {
-        return Some(Duration::from_secs_f64(s.max(0.0)));
+        return Some(Duration::from_secs_f64(s.clamp(0.0, 86_400.0)));
     }
-    ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
-        .iter()
-        .filter_map(|k| get(k))
-        .filter_map(parse_go_duration)
-        .min()
+    let mut resets: Vec<(bool, Duration)> = Vec::new();
+    for limit in ["requests", "tokens"] {
+        if let Some(d) = get(&format!("x-ratelimit-reset-{limit}")).and_then(parse_go_duration) {
+            let exhausted = get(&format!("x-ratelimit-remaining-{limit}")) == Some("0");
+            resets.push((exhausted, d));
+        }
+    }
+    for limit in ["requests", "tokens", "input-tokens", "output-tokens"] {
+        let at = get(&format!("anthropic-ratelimit-{limit}-reset"))
+            .and_then(|v| v.trim().parse::<jiff::Timestamp>().ok());
+        if let Some(at) = at {
+            let at_ns = u64::try_from(at.as_nanosecond()).unwrap_or(0);
+            let d = Duration::from_nanos(at_ns.saturating_sub(now.as_nanos()));
+            let exhausted = get(&format!("anthropic-ratelimit-{limit}-remaining")) == Some("0");
+            resets.push((exhausted, d));
+        }
+    }
+    let exhausted = resets.iter().filter(|r| r.0).map(|r| r.1).max();
+    exhausted.or_else(|| resets.iter().map(|r| r.1).min())
 }
 
 /// `1s`, `20ms`, `6m0s`, `1h2m3.5s`.
@@ -466,6 +523,7 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 async fn call_upstream(
     st: &AppState,
     provider: &crate::config::Provider,
+    path: &str,
     body: &Value,
     client_headers: &HeaderMap,
 ) -> Upstream {
@@ -474,10 +532,6 @@ async fn call_upstream(
     let deadline = tokio::time::Instant::now() + proxy.timeout;
     let mut last = (None, String::new());
     for attempt in 0..proxy.attempts {
-        let path = match provider.wire {
-            Wire::OpenAi => "chat/completions",
-            Wire::Anthropic => "messages",
-        };
         let mut call = st
             .http
             .post(format!("{}/{path}", provider.base_url))
@@ -505,8 +559,8 @@ async fn call_upstream(
         }
         let wait = match call.send().await {
             Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
-                let wait =
-                    upstream_wait(r.headers()).unwrap_or_else(|| backoff(proxy.backoff, attempt));
+                let wait = upstream_wait(r.headers(), st.now())
+                    .unwrap_or_else(|| backoff(proxy.backoff, attempt));
                 let status =
                     StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
                 let bytes = r.bytes().await.unwrap_or_default();
@@ -535,7 +589,34 @@ pub async fn openai_chat(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy_request(st, headers, body, Wire::OpenAi).await
+    proxy_request(st, headers, body, Endpoint::Chat).await
+}
+
+/// `POST /v1/completions` (OpenAI wire).
+pub async fn openai_completions(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy_request(st, headers, body, Endpoint::Completions).await
+}
+
+/// `POST /v1/embeddings` (OpenAI wire).
+pub async fn openai_embeddings(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy_request(st, headers, body, Endpoint::Embeddings).await
+}
+
+/// `POST /v1/responses` (OpenAI wire).
+pub async fn openai_responses(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    proxy_request(st, headers, body, Endpoint::Responses).await
 }
 
 /// `POST /v1/messages` (Anthropic wire).
@@ -544,75 +625,129 @@ pub async fn anthropic_messages(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    proxy_request(st, headers, body, Wire::Anthropic).await
+    proxy_request(st, headers, body, Endpoint::Messages).await
 }
 
-async fn proxy_request(st: Arc<AppState>, headers: HeaderMap, body: Bytes, wire: Wire) -> Response {
-    let caller = match st.keys.authenticate(&headers) {
-        Ok(c) => c,
-        Err(e) => {
-            return wire_error(
-                wire,
-                e.status,
-                "invalid_request_error",
-                "invalid_api_key",
-                e.message,
-            );
-        }
-    };
-    let req: Value = match serde_json::from_slice(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => {
-            return wire_error(
-                wire,
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_json",
-                "the body must be a JSON object",
-            );
-        }
-        Err(e) => {
-            return wire_error(
-                wire,
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_json",
-                format!("malformed JSON: {e}"),
-            );
-        }
-    };
-    let Some(name) = req["model"].as_str().map(str::to_owned) else {
-        return wire_error(
+/// The caller, the request's JSON and its configured model, or the wire-shaped error.
+#[allow(clippy::result_large_err)] // the error is the answer itself, built once
+fn admit(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+    wire: Wire,
+) -> Result<(Caller, Value, Model), Response> {
+    let caller = st.keys.authenticate(headers).map_err(|e| {
+        wire_error(
+            wire,
+            e.status,
+            "invalid_request_error",
+            "invalid_api_key",
+            e.message,
+        )
+    })?;
+    let bad = |code: &str, message: String| {
+        wire_error(
             wire,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
-            "missing_model",
-            "`model` is required",
-        );
+            code,
+            message,
+        )
     };
-    let Some(first) = st.config.proxy.models.get(&name).cloned() else {
-        return wire_error(
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return Err(bad("invalid_json", "the body must be a JSON object".into())),
+        Err(e) => return Err(bad("invalid_json", format!("malformed JSON: {e}"))),
+    };
+    let Some(name) = req["model"].as_str() else {
+        return Err(bad("missing_model", "`model` is required".into()));
+    };
+    let Some(model) = st.config.proxy.models.get(name).cloned() else {
+        return Err(wire_error(
             wire,
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
             format!("the model `{name}` is not configured on this gateway"),
-        );
+        ));
     };
-    if st.config.proxy.providers[first.provider].wire != wire {
+    if st.config.proxy.providers[model.provider].wire != wire {
         let route = match wire {
             Wire::OpenAi => "/v1/messages (the Anthropic wire)",
-            Wire::Anthropic => "/v1/chat/completions (the OpenAI wire)",
+            Wire::Anthropic => "the /v1/chat/completions family (the OpenAI wire)",
         };
-        return wire_error(
-            wire,
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
+        return Err(bad(
             "wrong_wire",
             format!("`{name}` is served on the other wire format: use {route}"),
-        );
+        ));
     }
-    let streaming = req["stream"].as_bool() == Some(true);
+    for (field, value) in [("max_tokens", &req["max_tokens"]), ("n", &req["n"])] {
+        if !value.is_null() && value.as_u64().is_none() {
+            return Err(bad(
+                "invalid_value",
+                format!("`{field}` must be a non-negative integer"),
+            ));
+        }
+    }
+    Ok((caller, req, model))
+}
+
+/// `POST /v1/messages/count_tokens` (Anthropic wire): forwarded to the
+/// provider (free there, and not charged here); the caller must hold a key.
+pub async fn anthropic_count_tokens(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let wire = Wire::Anthropic;
+    let (_, mut req, model) = match admit(&st, &headers, &body, wire) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let provider = st.config.proxy.providers[model.provider].clone();
+    req["model"] = Value::from(model.upstream_name.clone());
+    match call_upstream(&st, &provider, "messages/count_tokens", &req, &headers).await {
+        Upstream::Answer(resp) => {
+            let status =
+                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            match resp.bytes().await {
+                Ok(bytes) => {
+                    (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+                }
+                Err(e) => wire_error(
+                    wire,
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "upstream_error",
+                    format!("the upstream's answer was cut short: {e}"),
+                ),
+            }
+        }
+        Upstream::Failed(Some((status, bytes)), _) => {
+            (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        Upstream::Failed(None, why) => wire_error(
+            wire,
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "upstream_error",
+            why,
+        ),
+    }
+}
+
+async fn proxy_request(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+    endpoint: Endpoint,
+) -> Response {
+    let wire = endpoint.wire();
+    let (caller, req, first) = match admit(&st, &headers, &body, wire) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let streaming = endpoint.streams() && req["stream"].as_bool() == Some(true);
     let client_wants_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
     // The model asked for, then its fallbacks, in order.
     let candidates: Vec<Model> = std::iter::once(first.clone())
@@ -626,14 +761,20 @@ async fn proxy_request(st: Arc<AppState>, headers: HeaderMap, body: Bytes, wire:
     let mut failure = (None, String::from("no model could serve the request"));
     for (i, model) in candidates.iter().enumerate() {
         let provider = st.config.proxy.providers[model.provider].clone();
+        let more = i + 1 < candidates.len();
         // Each candidate holds its own worst case on its own subjects (`model:NAME` differs).
-        let held = match reserve_for(wire, &st, &caller, &headers, &req, model).await {
+        let held = match reserve_for(endpoint, &st, &caller, &headers, &req, model).await {
             Ok(h) => h,
-            Err(refused) => return refused,
+            // The provider's quota is spent: the next model may be under its own.
+            Err(refused) if refused.by_quota && more => {
+                tracing::debug!("{}: provider quota spent; failing over", model.name);
+                continue;
+            }
+            Err(refused) => return refused.response,
         };
         let mut upstream_body = req.clone();
         upstream_body["model"] = Value::from(model.upstream_name.clone());
-        if streaming && wire == Wire::OpenAi {
+        if streaming && matches!(endpoint, Endpoint::Chat | Endpoint::Completions) {
             // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
             upstream_body["stream_options"]["include_usage"] = Value::from(true);
         }
@@ -646,25 +787,34 @@ async fn proxy_request(st: Arc<AppState>, headers: HeaderMap, body: Bytes, wire:
             held: held.amounts,
             model: model.name.clone(),
         };
-        let called = call_upstream(&st, &provider, &upstream_body, &headers).await;
+        let called = call_upstream(&st, &provider, endpoint.path(), &upstream_body, &headers).await;
         guard.disarm();
         let resp = match called {
             Upstream::Answer(r) => r,
             Upstream::Failed(last, why) => {
                 tracing::warn!("{} via {}: {why}", model.name, provider.name);
-                let more = i + 1 < candidates.len();
                 finish(
                     &st,
                     held.id,
                     None,
                     json!({"model": model.name, "error": why, "failover": more}),
+                    None,
                 )
                 .await;
                 failure = (last, why);
                 continue;
             }
         };
-        return answer(wire, &st, resp, model, held, streaming, client_wants_usage).await;
+        return answer(
+            endpoint,
+            &st,
+            resp,
+            model,
+            held,
+            streaming,
+            client_wants_usage,
+        )
+        .await;
     }
     match failure.0 {
         Some((status, bytes)) => {
@@ -698,7 +848,7 @@ impl Drop for Abandoned {
     fn drop(&mut self) {
         let Some(id) = self.id.take() else { return };
         let detail = json!({"model": self.model, "abandoned": "the client went away before the upstream answered"});
-        if let Some(row) = settle_now(&self.st, id, Some(self.held), &detail) {
+        if let Some(row) = settle_now(&self.st, id, Some(self.held), &detail, None) {
             let st = Arc::clone(&self.st);
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
@@ -714,7 +864,7 @@ impl Drop for Abandoned {
 
 /// Pass an upstream answer on and settle its reservation.
 async fn answer(
-    wire: Wire,
+    endpoint: Endpoint,
     st: &Arc<AppState>,
     resp: reqwest::Response,
     model: &Model,
@@ -722,7 +872,14 @@ async fn answer(
     streaming: bool,
     client_wants_usage: bool,
 ) -> Response {
+    let wire = endpoint.wire();
     let status = resp.status();
+    // The provider's id for the call, for reconciling with its bill.
+    let request_id = ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|k| resp.headers().get(*k))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(200).collect::<String>());
     let headers_out = |r: &mut Response| {
         if let Ok(v) = HeaderValue::try_from(model.name.as_str()) {
             r.headers_mut().insert("x-sluice-model", v);
@@ -741,8 +898,9 @@ async fn answer(
             text_bytes: 0,
             usage: None,
             started_ns: held.now.as_nanos(),
+            request_id,
         };
-        let mut r = stream_through(wire, resp, settle, client_wants_usage);
+        let mut r = stream_through(endpoint, resp, settle, client_wants_usage);
         headers_out(&mut r);
         return r;
     }
@@ -751,7 +909,7 @@ async fn answer(
         Err(e) => {
             // The upstream answered but the body broke: it may have served; charge the hold.
             let detail = json!({"model": model.name, "error": format!("upstream body: {e}")});
-            finish(st, held.id, Some(held.amounts), detail).await;
+            finish(st, held.id, Some(held.amounts), detail, request_id).await;
             return wire_error(
                 wire,
                 StatusCode::BAD_GATEWAY,
@@ -763,13 +921,15 @@ async fn answer(
     };
     let latency_ms = st.now().as_nanos().saturating_sub(held.now.as_nanos()) / 1_000_000;
     let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let usage = usage_of(endpoint, &parsed);
     let detail = json!({"model": model.name, "upstream_model": model.upstream_name, "status": status.as_u16(),
-        "latency_ms": latency_ms, "usage_reported": usage_of(wire, &parsed).is_some()});
+        "latency_ms": latency_ms, "usage_reported": usage.is_some(), "endpoint": endpoint.path(),
+        "cached_input_tokens": usage.map(|u| u.cached_input)});
     if status.is_success() {
-        let actual = usage_of(wire, &parsed).map_or(held.amounts, |u| amounts(model, u));
-        finish(st, held.id, Some(actual), detail).await;
+        let actual = usage.map_or(held.amounts, |u| amounts(model, u));
+        finish(st, held.id, Some(actual), detail, request_id).await;
     } else {
-        finish(st, held.id, None, detail).await;
+        finish(st, held.id, None, detail, request_id).await;
     }
     let mut r = (
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -796,6 +956,7 @@ struct StreamSettle {
     text_bytes: u64,
     usage: Option<TokenUsage>,
     started_ns: u64,
+    request_id: Option<String>,
 }
 
 impl StreamSettle {
@@ -822,9 +983,10 @@ impl StreamSettle {
         let st = Arc::clone(&self.st);
         let latency_ms = st.now().as_nanos().saturating_sub(self.started_ns) / 1_000_000;
         let detail = json!({"model": self.model.name, "upstream_model": self.model.upstream_name, "stream": true,
-            "completed": completed, "charged_from": how, "latency_ms": latency_ms});
+            "completed": completed, "charged_from": how, "latency_ms": latency_ms,
+            "cached_input_tokens": usage.cached_input});
         // Settled in the engine now; the ledger row is queued from a task (Drop cannot wait).
-        if let Some(row) = settle_now(&st, id, Some(actual), &detail) {
+        if let Some(row) = settle_now(&st, id, Some(actual), &detail, self.request_id.take()) {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     rt.spawn(async move { st.ledger.record(vec![row], None).await });
@@ -834,6 +996,75 @@ impl StreamSettle {
                 }
             }
         }
+    }
+}
+
+impl StreamSettle {
+    /// Read one stream event's usage and text; whether to pass it on (the
+    /// usage-only chunk Sluice asked for is dropped unless the client asked too).
+    fn observe(&mut self, endpoint: Endpoint, v: &Value, client_wants_usage: bool) -> bool {
+        let text_len = |t: &Value| t.as_str().map_or(0, str::len) as u64;
+        match endpoint {
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings => {
+                for choice in v["choices"].as_array().into_iter().flatten() {
+                    self.text_bytes +=
+                        text_len(&choice["text"]) + text_len(&choice["delta"]["content"]);
+                    for call in choice["delta"]["tool_calls"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        self.text_bytes += text_len(&call["function"]["arguments"]);
+                    }
+                }
+                if let Some(u) = usage_of(endpoint, v) {
+                    self.usage = Some(u);
+                    let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
+                    return client_wants_usage || !usage_only;
+                }
+            }
+            Endpoint::Responses => match v["type"].as_str() {
+                Some("response.output_text.delta")
+                | Some("response.function_call_arguments.delta")
+                | Some("response.reasoning_summary_text.delta") => {
+                    self.text_bytes += text_len(&v["delta"]);
+                }
+                Some("response.completed")
+                | Some("response.incomplete")
+                | Some("response.failed") => {
+                    if let Some(u) = usage_of(endpoint, &v["response"]) {
+                        self.usage = Some(u);
+                    }
+                }
+                _ => {}
+            },
+            Endpoint::Messages => match v["type"].as_str() {
+                Some("message_start") => {
+                    self.known_input = anthropic_input(&v["message"]["usage"]);
+                }
+                Some("message_delta") => {
+                    // Cumulative output; input from message_start (or the estimate).
+                    if let Some(out) = v["usage"]["output_tokens"].as_u64() {
+                        let (input, cached) = anthropic_input(&v["usage"])
+                            .or(self.known_input)
+                            .unwrap_or((self.input_estimate, 0));
+                        self.usage = Some(TokenUsage {
+                            input,
+                            cached_input: cached,
+                            output: out,
+                        });
+                    }
+                }
+                Some("content_block_delta") => {
+                    let d = &v["delta"];
+                    self.text_bytes += text_len(&d["text"])
+                        + text_len(&d["partial_json"])
+                        + text_len(&d["thinking"]);
+                }
+                _ => {}
+            },
+        }
+        true
     }
 }
 
@@ -862,7 +1093,7 @@ fn event_json(event: &[u8]) -> Option<Value> {
 /// beyond one event), reading usage and text on the way; drop the usage-only
 /// chunk Sluice asked for when the client did not.
 fn stream_through(
-    wire: Wire,
+    endpoint: Endpoint,
     resp: reqwest::Response,
     settle: StreamSettle,
     client_wants_usage: bool,
@@ -891,45 +1122,7 @@ fn stream_through(
                 let event: Vec<u8> = s.buf.drain(..end + 2).collect();
                 let mut keep = true;
                 if let Some(v) = event_json(&event) {
-                    match wire {
-                        Wire::OpenAi => {
-                            if let Some(u) = usage_of(wire, &v) {
-                                s.settle.usage = Some(u);
-                                let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
-                                keep = client_wants_usage || !usage_only;
-                            }
-                            if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
-                                s.settle.text_bytes += text.len() as u64;
-                            }
-                        }
-                        Wire::Anthropic => match v["type"].as_str() {
-                            Some("message_start") => {
-                                s.settle.known_input = anthropic_input(&v["message"]["usage"]);
-                            }
-                            Some("message_delta") => {
-                                // Cumulative output; input from message_start (or the estimate).
-                                if let Some(out) = v["usage"]["output_tokens"].as_u64() {
-                                    let (input, cached) = anthropic_input(&v["usage"])
-                                        .or(s.settle.known_input)
-                                        .unwrap_or((s.settle.input_estimate, 0));
-                                    s.settle.usage = Some(TokenUsage {
-                                        input,
-                                        cached_input: cached,
-                                        output: out,
-                                    });
-                                }
-                            }
-                            Some("content_block_delta") => {
-                                let d = &v["delta"];
-                                let text = d["text"]
-                                    .as_str()
-                                    .or(d["partial_json"].as_str())
-                                    .unwrap_or("");
-                                s.settle.text_bytes += text.len() as u64;
-                            }
-                            _ => {}
-                        },
-                    }
+                    keep = s.settle.observe(endpoint, &v, client_wants_usage);
                 }
                 if keep {
                     out.extend_from_slice(&event);
@@ -1000,31 +1193,101 @@ pub async fn openai_models(State(st): State<Arc<AppState>>, headers: HeaderMap) 
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&'static str, &str)]) -> reqwest::header::HeaderMap {
+        let mut h = reqwest::header::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
     #[test]
-    fn openai_estimates_count_tokens_exactly_with_the_framing() {
-        let body = json!({"messages": [{"role": "user", "content": "Say hello."}]});
-        // 3 (reply priming) + 3 (message) + 1 ("user") + 3 ("Say", " hello", ".").
-        assert_eq!(estimate_input_tokens("gpt-4o-mini", &body), 10);
-        assert_eq!(estimate_input_tokens("gpt-4o-2024-08-06", &body), 10);
-        assert_eq!(estimate_input_tokens("openai/gpt-4.1", &body), 10);
-        // cl100k for gpt-4 and gpt-3.5.
-        assert_eq!(estimate_input_tokens("gpt-3.5-turbo", &body), 10);
-        // Unknown tokenizer: the byte estimate, larger.
-        assert!(estimate_input_tokens("llama-3", &body) > 10);
-        // Far tighter than the byte estimate on long English text, and never below the exact count.
-        let text = "The quick brown fox jumps over the lazy dog. ".repeat(200);
-        let long = json!({"messages": [{"role": "user", "content": text}]});
-        let exact = tiktoken_rs::o200k_base_singleton()
-            .encode_with_special_tokens(&text)
-            .len() as u64;
-        let est = estimate_input_tokens("gpt-4o", &long);
-        assert!(est >= exact && est <= exact + 10, "{est} vs {exact}");
-        assert!(est * 2 < estimate_input_tokens("llama-3", &long));
-        // Parts: text counted, images at their maximum.
-        let parts = json!({"messages": [{"role": "user", "content": [
-            {"type": "text", "text": "Say hello."},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-        ]}]});
-        assert_eq!(estimate_input_tokens("gpt-4o", &parts), 10 + IMAGE_TOKENS);
+    fn upstream_waits_from_every_header_family() {
+        let now = sluice_core::Timestamp::from_nanos(1_700_000_000_000_000_000);
+        let w = |pairs: &[(&'static str, &str)]| upstream_wait(&headers(pairs), now);
+        assert_eq!(
+            w(&[("retry-after-ms", "250")]),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            w(&[("retry-after", "3"), ("retry-after-ms", "10")]),
+            Some(Duration::from_millis(10))
+        );
+        assert_eq!(w(&[("retry-after", "3")]), Some(Duration::from_secs(3)));
+        // OpenAI: the exhausted limit's reset, not the earliest.
+        assert_eq!(
+            w(&[
+                ("x-ratelimit-reset-requests", "20ms"),
+                ("x-ratelimit-reset-tokens", "6m0s"),
+                ("x-ratelimit-remaining-requests", "5"),
+                ("x-ratelimit-remaining-tokens", "0")
+            ]),
+            Some(Duration::from_secs(360))
+        );
+        assert_eq!(
+            w(&[
+                ("x-ratelimit-reset-requests", "1s"),
+                ("x-ratelimit-reset-tokens", "1m")
+            ]),
+            Some(Duration::from_secs(1))
+        );
+        // Anthropic: RFC 3339 instants, measured from now.
+        assert_eq!(
+            w(&[
+                ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:22Z"),
+                ("anthropic-ratelimit-requests-remaining", "0"),
+                ("anthropic-ratelimit-tokens-reset", "2023-11-14T22:13:21Z")
+            ]),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            w(&[(
+                "anthropic-ratelimit-output-tokens-reset",
+                "2023-11-14T22:13:20.5Z"
+            )]),
+            Some(Duration::from_millis(500))
+        );
+        // A reset in the past waits nothing; junk is ignored.
+        assert_eq!(
+            w(&[("anthropic-ratelimit-tokens-reset", "2000-01-01T00:00:00Z")]),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            w(&[
+                ("retry-after", "soon"),
+                ("x-ratelimit-reset-tokens", "later")
+            ]),
+            None
+        );
+    }
+
+    #[test]
+    fn output_bounds_per_endpoint() {
+        let model = Model {
+            name: "m".into(),
+            provider: 0,
+            upstream_name: "m".into(),
+            price: crate::pricing::Price::from_usd_per_mtok(1.0, 1.0, None).unwrap(),
+            max_output_tokens: 1000,
+            fallbacks: vec![],
+            quota_subject: None,
+        };
+        let b = |e, v: Value| output_bound(e, &v, &model);
+        assert_eq!(b(Endpoint::Chat, json!({})), 1000);
+        assert_eq!(b(Endpoint::Chat, json!({"max_tokens": 10, "n": 3})), 30);
+        assert_eq!(
+            b(Endpoint::Chat, json!({"max_completion_tokens": 5000})),
+            1000
+        );
+        assert_eq!(
+            b(
+                Endpoint::Completions,
+                json!({"max_tokens": 10, "n": 2, "best_of": 4})
+            ),
+            40
+        );
+        assert_eq!(b(Endpoint::Embeddings, json!({"max_tokens": 10})), 0);
+        assert_eq!(b(Endpoint::Responses, json!({"max_output_tokens": 7})), 7);
+        assert_eq!(b(Endpoint::Messages, json!({"max_tokens": 70})), 70);
     }
 }

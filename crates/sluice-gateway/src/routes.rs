@@ -53,6 +53,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/mesh/agents/{*rest}", get(mesh_get).put(mesh_put))
         .route("/v1/intents", post(intent))
         .route("/v1/chat/completions", post(crate::proxy::openai_chat))
+        .route("/v1/completions", post(crate::proxy::openai_completions))
+        .route("/v1/embeddings", post(crate::proxy::openai_embeddings))
+        .route("/v1/responses", post(crate::proxy::openai_responses))
+        .route(
+            "/v1/messages/count_tokens",
+            post(crate::proxy::anthropic_count_tokens),
+        )
         .route("/v1/models", get(crate::proxy::openai_models))
         .route("/v1/messages", post(crate::proxy::anthropic_messages))
         .fallback(not_found)
@@ -159,6 +166,19 @@ fn path_subject(uri: &Uri, prefix: &str) -> Result<Subject, ApiError> {
     Subject::parse(&text).map_err(|e| ApiError::invalid("subject", e.to_string()))
 }
 
+/// A subject whose policy the admin API may write: `provider:` quotas come from sluice.toml.
+fn writable(subject: Subject) -> Result<Subject, ApiError> {
+    if subject.kind() == SubjectKind::Provider {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "config_managed",
+            format!("{subject} is a provider quota set in sluice.toml ([[models]] rpm/tpm); change it there"),
+        )
+        .field("subject"));
+    }
+    Ok(subject)
+}
+
 async fn healthz() -> Response {
     json::reply(StatusCode::OK, &json!({"status": "ok"}))
 }
@@ -255,7 +275,7 @@ async fn put_policy(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> 
             // Read the body first: the connection stays reusable whatever the answer.
             let bytes = json::read_body(&headers, body).await?;
             st.keys.authenticate(&headers)?.require_admin()?;
-            let subject = path_subject(&uri, "/v1/policies/")?;
+            let subject = writable(path_subject(&uri, "/v1/policies/")?)?;
             let policy = json::parse::<PolicyBody>(&bytes)?;
             let (created, stored) = set_policy(&st, &subject, policy).await?;
             let status = if created {
@@ -291,7 +311,7 @@ async fn delete_policy(State(st): St, headers: HeaderMap, uri: Uri) -> Response 
     result(
         async {
             st.keys.authenticate(&headers)?.require_admin()?;
-            let subject = path_subject(&uri, "/v1/policies/")?;
+            let subject = writable(path_subject(&uri, "/v1/policies/")?)?;
             let _write = st.policy_write.lock().await;
             let existed = st
                 .db

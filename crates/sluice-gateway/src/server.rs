@@ -265,6 +265,25 @@ impl Gateway {
                 },
             );
         }
+        // The providers' quotas from sluice.toml (rolling minutes).
+        for (subject, quota) in &config.proxy.quotas {
+            let mut def = sluice_core::PolicyDef::default();
+            if let Some(rpm) = quota.rpm {
+                def.limits
+                    .push(sluice_core::LimitDef::new("requests", rpm, "1m"));
+            }
+            if let Some(tpm) = quota.tpm {
+                def.limits
+                    .push(sluice_core::LimitDef::new("tokens", tpm, "1m"));
+            }
+            let (Ok(s), Ok(policy)) = (Subject::parse(subject), sluice_core::Policy::new(&def))
+            else {
+                return Err(StartError::Io(format!(
+                    "cannot install the quota of {subject}"
+                )));
+            };
+            limiter.set_policy(&s, policy);
+        }
         let ledger = Ledger::start(
             &Db::path(&config.data_dir),
             config.ledger_sync,

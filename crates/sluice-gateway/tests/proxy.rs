@@ -19,6 +19,15 @@ async fn setup(budget_usd: f64) -> (Server, FakeUpstream, String, TempDir) {
 }
 
 async fn setup_with(budget_usd: f64, extra: &str) -> (Server, FakeUpstream, String, TempDir) {
+    setup_edited(budget_usd, extra, |t| t).await
+}
+
+/// The standard setup with its config text edited first.
+async fn setup_edited(
+    budget_usd: f64,
+    extra: &str,
+    edit: impl Fn(String) -> String,
+) -> (Server, FakeUpstream, String, TempDir) {
     let up = FakeUpstream::start().await;
     let dir = TempDir::new("proxy");
     let toml = format!(
@@ -33,6 +42,7 @@ async fn setup_with(budget_usd: f64, extra: &str) -> (Server, FakeUpstream, Stri
          input_usd_per_mtok = 3.0\noutput_usd_per_mtok = 15.0\ncached_input_usd_per_mtok = 0.3\nmax_output_tokens = 1000\n",
         up.base_url, up.base_url
     );
+    let toml = edit(toml);
     let s = Server::start_with(
         &dir,
         &toml,
@@ -219,7 +229,11 @@ async fn fifty_parallel_requests_never_overspend_and_all_settle() {
     // Each worst case: (input estimate + 100 output) tokens; the budget fits about 10 of them.
     let worst = {
         let body = chat(100);
-        let input = sluice_gateway::proxy::estimate_input_tokens("fake-model-1", &body);
+        let input = sluice_gateway::proxy::estimate_input_tokens(
+            sluice_gateway::proxy::Endpoint::Chat,
+            "fake-model-1",
+            &body,
+        );
         (input * 2 + 100 * 8) as f64 / 1e6
     };
     let (s, up, key2, _dir2) = setup(worst * 10.0).await;
@@ -322,7 +336,11 @@ async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
     let (s, up, key, _dir) = setup(10.0).await;
     let mut body = chat(500);
     body["stream"] = json!(true);
-    let input = sluice_gateway::proxy::estimate_input_tokens("fake-model-1", &body);
+    let input = sluice_gateway::proxy::estimate_input_tokens(
+        sluice_gateway::proxy::Endpoint::Chat,
+        "fake-model-1",
+        &body,
+    );
     // The upstream breaks after two chunks ("Hello", " from": 10 bytes -> 4 tokens).
     up.script([Script::Disconnect { after_chunks: 2 }]);
     let mut r = stream_call(&s, &key, body.clone()).await;
@@ -528,8 +546,12 @@ async fn a_client_gone_before_the_answer_is_settled_at_once_at_the_hold() {
     let (s, up, key, _dir) = setup(10.0).await;
     up.set_chunk_delay(std::time::Duration::from_millis(250)); // a 1 s answer
     let body = chat(100);
-    let held = (sluice_gateway::proxy::estimate_input_tokens("fake-model-1", &body) * 2 + 100 * 8)
-        as f64
+    let held = (sluice_gateway::proxy::estimate_input_tokens(
+        sluice_gateway::proxy::Endpoint::Chat,
+        "fake-model-1",
+        &body,
+    ) * 2
+        + 100 * 8) as f64
         / 1e6;
     let r = s
         .http
@@ -544,5 +566,303 @@ async fn a_client_gone_before_the_answer_is_settled_at_once_at_the_hold() {
     settled(&s).await;
     let used = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
     assert!((used - held).abs() < 1e-9, "charged {used}, held {held}");
+    s.stop().await;
+}
+
+/// Wait until the ledger has rolled the agent's spend up to `requests` calls.
+async fn spend_settles(s: &Server, requests: u64) -> Value {
+    let mut spend = Value::Null;
+    for _ in 0..300 {
+        spend = usage(s).await["spend"]["total"].clone();
+        if spend["requests"] == requests {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    spend
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_embeddings_and_responses_are_forwarded_and_charged_exactly() {
+    let (s, up, key, dir) = setup(10.0).await;
+    up.set_usage(Usage {
+        input: 40,
+        cached: 8,
+        output: 6,
+    });
+    // 32 × $2 + 8 × $0.5 + 6 × $8 per million = $0.000116 a call; embeddings
+    // report neither cached input nor output: 40 × $2 = $0.000080.
+    let calls = [
+        (
+            "/v1/completions",
+            json!({"model": "gpt-test", "prompt": "Say hello.", "max_tokens": 50}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "gpt-test", "input": ["one", "two"]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-test", "input": "Say hello.", "max_output_tokens": 50}),
+        ),
+    ];
+    for (path, body) in &calls {
+        let r = s.call(Method::POST, path, &key, Some(body.clone())).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {:?}", r.body);
+        assert_eq!(r.header("x-sluice-model"), Some("gpt-test"));
+        assert_eq!(up.received().last().unwrap().path, *path);
+        assert_eq!(up.received().last().unwrap().body["model"], "fake-model-1");
+    }
+    let answers = up.received();
+    assert_eq!(answers.len(), 3);
+    // Streaming completions and responses: events pass through; usage read on the way.
+    let r = stream_call_to(
+        &s,
+        &key,
+        "/v1/completions",
+        json!({"model": "gpt-test", "prompt": "Say hello.", "max_tokens": 50, "stream": true}),
+    )
+    .await;
+    let text = r.text().await.unwrap();
+    let events = data_lines(&text);
+    assert!(
+        events.iter().any(|e| e.contains("\"text\":\" fake\"")),
+        "{text}"
+    );
+    // Sluice asked for usage; the client did not, so that chunk is not passed on.
+    assert!(!text.contains("\"usage\""), "{text}");
+    assert_eq!(
+        up.received()[3].body["stream_options"]["include_usage"],
+        true
+    );
+    let r = stream_call_to(&s, &key, "/v1/responses",
+        json!({"model": "gpt-test", "input": "Say hello.", "max_output_tokens": 50, "stream": true})).await;
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("response.output_text.delta") && text.contains("response.completed"),
+        "{text}"
+    );
+    let spend = spend_settles(&s, 5).await;
+    assert_eq!(spend["requests"], 5, "{spend}");
+    assert_eq!(spend["input_tokens"], 200);
+    assert_eq!(spend["output_tokens"], 24);
+    assert_eq!(spend["cost_usd"], 0.000544, "{spend}"); // 4 × 116 + 80 µ$
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+    // Each commit names the provider's request id.
+    let db = sluice_gateway::db::Db::open(&dir.0, sluice_gateway::LedgerSync::Batch)
+        .await
+        .unwrap();
+    let commits: Vec<_> = db
+        .ledger_since(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == sluice_gateway::db::RowKind::Commit)
+        .collect();
+    assert_eq!(commits.len(), 5);
+    assert!(
+        commits.iter().all(|r| r
+            .request_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("req_fake_"))),
+        "{commits:?}"
+    );
+    assert!(commits.iter().any(|r| {
+        r.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("\"endpoint\":\"embeddings\""))
+    }));
+}
+
+async fn stream_call_to(s: &Server, key: &str, path: &str, body: Value) -> reqwest::Response {
+    let r = s
+        .http
+        .post(format!("{}{path}", s.url))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_is_forwarded_and_not_charged() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    up.set_usage(Usage {
+        input: 77,
+        cached: 0,
+        output: 0,
+    });
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/messages/count_tokens",
+            &key,
+            Some(json!({"model": "claude-test", "messages": [{"role": "user", "content": "Hi"}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["input_tokens"], 77);
+    let got = up.received();
+    assert_eq!(got[0].path, "/v1/messages/count_tokens");
+    assert_eq!(got[0].headers["x-api-key"], "upstream-secret");
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.0);
+    // A key is still required, and the model must be configured on the Anthropic wire.
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/messages/count_tokens",
+            "nope",
+            Some(json!({"model": "claude-test", "messages": []})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.body["type"], "error");
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/messages/count_tokens",
+            &key,
+            Some(json!({"model": "gpt-test", "messages": []})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(up.requests(), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_quotas_keep_sluice_under_the_providers_limits() {
+    // gpt-test: 2 requests a minute at the provider (then its fallback serves);
+    // claude-test: 1 request a minute and no fallback (then a 429 for the agent).
+    let (s, up, key, _dir) = setup_edited(10.0, "", |t| {
+        t.replace(
+            "fallbacks = [\"gpt-backup\"]\n",
+            "fallbacks = [\"gpt-backup\"]\nrpm = 2\ntpm = 100000\n",
+        )
+        .replace(
+            "cached_input_usd_per_mtok = 0.3\nmax_output_tokens = 1000\n",
+            "cached_input_usd_per_mtok = 0.3\nmax_output_tokens = 1000\nrpm = 1\n",
+        )
+    })
+    .await;
+    for expected in ["gpt-test", "gpt-test", "gpt-backup"] {
+        let r = s
+            .call(Method::POST, "/v1/chat/completions", &key, Some(chat(100)))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.header("x-sluice-model"), Some(expected));
+    }
+    let served: Vec<Value> = up
+        .received()
+        .iter()
+        .map(|r| r.body["model"].clone())
+        .collect();
+    assert_eq!(
+        served,
+        vec![
+            json!("fake-model-1"),
+            json!("fake-model-1"),
+            json!("gpt-backup")
+        ]
+    );
+    let q = s
+        .admin(Method::GET, "/v1/usage/provider:fake/fake-model-1", None)
+        .await;
+    assert_eq!(q.status, StatusCode::OK, "{:?}", q.body);
+    let requests = q.body["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["metric"] == "requests")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (requests["limit"].clone(), requests["used"].clone()),
+        (json!(2), json!(2))
+    );
+
+    let r = s
+        .call(Method::POST, "/v1/messages", &key, Some(claude(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = s
+        .call(Method::POST, "/v1/messages", &key, Some(claude(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.body["error"]["type"], "rate_limit_error");
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("provider quota provider:fake-anthropic/claude-test"),
+        "{message}"
+    );
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(
+        up.requests(),
+        4,
+        "the refused call never reached the provider"
+    );
+    // After the wait the provider's minute has room again.
+    s.advance(std::time::Duration::from_secs(wait));
+    let r = s
+        .call(Method::POST, "/v1/messages", &key, Some(claude(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // The quotas belong to sluice.toml, not to the admin API.
+    let r = s
+        .admin(
+            Method::PUT,
+            "/v1/policies/provider:fake/fake-model-1",
+            Some(json!({"limits": [{"metric": "requests", "limit": 1000, "window": "1m"}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    assert_eq!(r.body["error"]["field"], "subject");
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_reset_headers_are_honoured() {
+    let (s, up, key, _dir) = setup_with(
+        10.0,
+        "upstream_attempts = 2\nupstream_backoff_ms = 1\nupstream_timeout_s = 30\n",
+    )
+    .await;
+    let at = |secs_after_t0: f64| {
+        let ns = T0 as i128 + (secs_after_t0 * 1e9) as i128;
+        jiff::Timestamp::from_nanosecond(ns).unwrap().to_string()
+    };
+    // The provider's limit resets in an hour: past the deadline, so Sluice does not retry.
+    up.script([Script::TooManyWith(vec![
+        ("anthropic-ratelimit-requests-remaining".into(), "0".into()),
+        ("anthropic-ratelimit-requests-reset".into(), at(3600.0)),
+        ("anthropic-ratelimit-tokens-reset".into(), at(0.01)),
+    ])]);
+    let r = s
+        .call(Method::POST, "/v1/messages", &key, Some(claude(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        up.requests(),
+        1,
+        "an hour's wait is past the deadline: not retried"
+    );
+    // It resets in 50 ms: Sluice waits, retries, and the client sees success.
+    up.script([Script::TooManyWith(vec![
+        ("anthropic-ratelimit-tokens-remaining".into(), "0".into()),
+        ("anthropic-ratelimit-tokens-reset".into(), at(0.05)),
+    ])]);
+    let r = s
+        .call(Method::POST, "/v1/messages", &key, Some(claude(100)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(up.requests(), 3);
+    assert_eq!(outstanding(&s).await, 0);
     s.stop().await;
 }

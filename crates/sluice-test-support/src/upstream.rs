@@ -1,6 +1,7 @@
 //! A fake LLM provider on 127.0.0.1:0 that speaks both wires: OpenAI
-//! (`POST /v1/chat/completions`, streaming or not) and Anthropic
-//! (`POST /v1/messages`, streaming or not). Usage is fixed per server and can
+//! (`POST /v1/chat/completions`, `/v1/completions` and `/v1/responses`,
+//! streaming or not, and `/v1/embeddings`) and Anthropic (`POST /v1/messages`,
+//! streaming or not, and `/v1/messages/count_tokens`). Usage is fixed per server and can
 //! be changed; each request's behaviour can be scripted (429 with retry
 //! headers, 500, a stream that breaks after N chunks); chunks can be delayed.
 //! It counts and keeps every request it receives.
@@ -29,6 +30,8 @@ pub enum Script {
         /// `retry-after-ms`.
         retry_after_ms: Option<u64>,
     },
+    /// 429 with exactly these headers (e.g. `anthropic-ratelimit-*-reset`).
+    TooManyWith(Vec<(String, String)>),
     /// 500.
     ServerError,
     /// A stream that stops (connection dropped) after this many content chunks;
@@ -55,6 +58,8 @@ pub struct Usage {
 pub struct Received {
     /// `openai` or `anthropic`.
     pub wire: &'static str,
+    /// The path, e.g. `/v1/embeddings`.
+    pub path: String,
     /// Its headers.
     pub headers: HeaderMap,
     /// Its JSON body.
@@ -108,8 +113,13 @@ impl FakeUpstream {
         }));
         let app = Router::new()
             .route("/v1/chat/completions", post(openai_chat))
+            .route("/v1/completions", post(openai_completions))
+            .route("/v1/embeddings", post(openai_embeddings))
+            .route("/v1/responses", post(openai_responses))
             .route("/v1/messages", post(anthropic_messages))
-            .with_state(Arc::clone(&inner));
+            .route("/v1/messages/count_tokens", post(anthropic_count_tokens))
+            .with_state(Arc::clone(&inner))
+            .layer(axum::middleware::map_response(with_request_id));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
@@ -150,10 +160,20 @@ impl FakeUpstream {
 
 type Shared = State<Arc<Mutex<Inner>>>;
 
+/// Every answer carries a provider request id, as real providers' do.
+async fn with_request_id(mut r: Response) -> Response {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    r.headers_mut()
+        .insert("x-request-id", format!("req_fake_{n}").parse().unwrap());
+    r
+}
+
 /// Record the request and pick its behaviour.
 fn begin(
     inner: &Mutex<Inner>,
     wire: &'static str,
+    path: &str,
     headers: HeaderMap,
     body: &Bytes,
 ) -> (Script, Usage, Vec<String>, Duration, Value) {
@@ -161,6 +181,7 @@ fn begin(
     let mut g = lock(inner);
     g.received.push(Received {
         wire,
+        path: path.to_owned(),
         headers,
         body: body.clone(),
     });
@@ -170,7 +191,9 @@ fn begin(
 
 fn error_response(script: &Script, wire: &str) -> Option<Response> {
     let (status, message) = match script {
-        Script::TooMany { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate limited by the fake"),
+        Script::TooMany { .. } | Script::TooManyWith(_) => {
+            (StatusCode::TOO_MANY_REQUESTS, "rate limited by the fake")
+        }
         Script::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "the fake failed"),
         _ => return None,
     };
@@ -185,6 +208,14 @@ fn error_response(script: &Script, wire: &str) -> Option<Response> {
         body.to_string(),
     )
         .into_response();
+    if let Script::TooManyWith(pairs) = script {
+        for (k, v) in pairs {
+            r.headers_mut().insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+    }
     if let Script::TooMany {
         retry_after_s,
         retry_after_ms,
@@ -248,7 +279,8 @@ fn json_or_cut(answer: &Value, cut: Option<usize>) -> Response {
 }
 
 async fn openai_chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
-    let (script, usage, chunks, delay, req) = begin(&inner, "openai", headers, &body);
+    let (script, usage, chunks, delay, req) =
+        begin(&inner, "openai", "/v1/chat/completions", headers, &body);
     if let Some(r) = error_response(&script, "openai") {
         return r;
     }
@@ -296,7 +328,8 @@ async fn openai_chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> R
 }
 
 async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
-    let (script, usage, chunks, delay, req) = begin(&inner, "anthropic", headers, &body);
+    let (script, usage, chunks, delay, req) =
+        begin(&inner, "anthropic", "/v1/messages", headers, &body);
     if let Some(r) = error_response(&script, "anthropic") {
         return r;
     }
@@ -338,4 +371,194 @@ async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Byte
         "usage": {"input_tokens": uncached, "cache_read_input_tokens": usage.cached, "output_tokens": usage.output},
     });
     json_or_cut(&answer, cut)
+}
+
+fn cut_of(script: &Script) -> Option<usize> {
+    match script {
+        Script::Disconnect { after_chunks } => Some(*after_chunks),
+        _ => None,
+    }
+}
+
+fn openai_usage(usage: Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.input,
+        "completion_tokens": usage.output,
+        "total_tokens": usage.input + usage.output,
+        "prompt_tokens_details": {"cached_tokens": usage.cached},
+    })
+}
+
+async fn openai_completions(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let (script, usage, chunks, delay, req) =
+        begin(&inner, "openai", "/v1/completions", headers, &body);
+    if let Some(r) = error_response(&script, "openai") {
+        return r;
+    }
+    let model = req["model"].as_str().unwrap_or("fake-model").to_owned();
+    let base = |choices: Value| json!({"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model, "choices": choices});
+    if req["stream"].as_bool() == Some(true) {
+        let mut events: Vec<String> = chunks
+            .iter()
+            .map(|c| {
+                format!(
+                    "data: {}\n\n",
+                    base(json!([{"index": 0, "text": c, "logprobs": null, "finish_reason": null}]))
+                )
+            })
+            .collect();
+        if req["stream_options"]["include_usage"].as_bool() == Some(true) {
+            let mut u = base(json!([]));
+            u["usage"] = openai_usage(usage);
+            events.push(format!("data: {u}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".to_owned());
+        return sse(events, delay, cut_of(&script));
+    }
+    let mut answer = base(
+        json!([{"index": 0, "text": chunks.concat(), "logprobs": null, "finish_reason": "stop"}]),
+    );
+    answer["usage"] = openai_usage(usage);
+    json_or_cut(&answer, cut_of(&script))
+}
+
+/// Standard base64 (for `encoding_format: "base64"`, the openai SDK's default).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn openai_embeddings(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let (script, usage, _, _, req) = begin(&inner, "openai", "/v1/embeddings", headers, &body);
+    if let Some(r) = error_response(&script, "openai") {
+        return r;
+    }
+    let inputs = match &req["input"] {
+        Value::Array(items) if items.iter().all(|i| !i.is_number()) => items.len(),
+        _ => 1,
+    };
+    let vector = [0.25f32, -0.5, 0.125];
+    let embedding = if req["encoding_format"] == "base64" {
+        let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+        json!(base64(&bytes))
+    } else {
+        json!(vector)
+    };
+    let data: Vec<Value> = (0..inputs)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": embedding}))
+        .collect();
+    let answer = json!({"object": "list", "data": data, "model": req["model"],
+        "usage": {"prompt_tokens": usage.input, "total_tokens": usage.input}});
+    json_or_cut(&answer, cut_of(&script))
+}
+
+async fn openai_responses(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let (script, usage, chunks, delay, req) =
+        begin(&inner, "openai", "/v1/responses", headers, &body);
+    if let Some(r) = error_response(&script, "openai") {
+        return r;
+    }
+    let model = req["model"].as_str().unwrap_or("fake-model").to_owned();
+    let response = |status: &str, text: &str, with_usage: bool| {
+        let output = if text.is_empty() {
+            json!([])
+        } else {
+            json!([{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}])
+        };
+        let mut r = json!({"id": "resp_fake", "object": "response", "created_at": 0, "status": status,
+            "model": model, "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
+            "error": null, "incomplete_details": null, "instructions": null, "metadata": {},
+            "temperature": 1.0, "top_p": 1.0, "text": {"format": {"type": "text"}}, "usage": null});
+        if with_usage {
+            r["usage"] = json!({"input_tokens": usage.input, "input_tokens_details": {"cached_tokens": usage.cached},
+                "output_tokens": usage.output, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage.input + usage.output});
+        }
+        r
+    };
+    if req["stream"].as_bool() == Some(true) {
+        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+        let mut seq = 0u64;
+        let mut next = || {
+            seq += 1;
+            seq
+        };
+        let text = chunks.concat();
+        let item = |status: &str, text: Option<&str>| {
+            let content = match text {
+                Some(t) => json!([{"type": "output_text", "text": t, "annotations": []}]),
+                None => json!([]),
+            };
+            json!({"type": "message", "id": "msg_fake", "status": status, "role": "assistant", "content": content})
+        };
+        let part = |t: &str| json!({"type": "output_text", "text": t, "annotations": []});
+        let mut events = vec![
+            ev(
+                "response.created",
+                json!({"type": "response.created", "sequence_number": next(), "response": response("in_progress", "", false)}),
+            ),
+            ev(
+                "response.output_item.added",
+                json!({"type": "response.output_item.added", "sequence_number": next(), "output_index": 0, "item": item("in_progress", None)}),
+            ),
+            ev(
+                "response.content_part.added",
+                json!({"type": "response.content_part.added", "sequence_number": next(), "item_id": "msg_fake",
+                    "output_index": 0, "content_index": 0, "part": part("")}),
+            ),
+        ];
+        for c in &chunks {
+            events.push(ev("response.output_text.delta", json!({"type": "response.output_text.delta",
+                "sequence_number": next(), "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": c, "logprobs": []})));
+        }
+        events.push(ev("response.output_text.done", json!({"type": "response.output_text.done", "sequence_number": next(),
+            "item_id": "msg_fake", "output_index": 0, "content_index": 0, "text": text, "logprobs": []})));
+        events.push(ev(
+            "response.content_part.done",
+            json!({"type": "response.content_part.done", "sequence_number": next(),
+            "item_id": "msg_fake", "output_index": 0, "content_index": 0, "part": part(&text)}),
+        ));
+        events.push(ev(
+            "response.output_item.done",
+            json!({"type": "response.output_item.done", "sequence_number": next(),
+            "output_index": 0, "item": item("completed", Some(&text))}),
+        ));
+        events.push(ev(
+            "response.completed",
+            json!({"type": "response.completed", "sequence_number": next(), "response": response("completed", &text, true)}),
+        ));
+        return sse(events, delay, cut_of(&script).map(|c| c + 3));
+    }
+    json_or_cut(
+        &response("completed", &chunks.concat(), true),
+        cut_of(&script),
+    )
+}
+
+async fn anthropic_count_tokens(State(inner): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    let (script, usage, _, _, _) = begin(
+        &inner,
+        "anthropic",
+        "/v1/messages/count_tokens",
+        headers,
+        &body,
+    );
+    if let Some(r) = error_response(&script, "anthropic") {
+        return r;
+    }
+    json_or_cut(&json!({"input_tokens": usage.input}), cut_of(&script))
 }

@@ -145,12 +145,42 @@ fn the_official_openai_sdk_works_through_sluice() {
     );
     // Two calls of 12 in and 5 out at $2/$8 per million: 2 × 64 µ$.
     assert_eq!(s.used(), 0.000128);
+    // Completions, embeddings and responses, plain and streamed, through the same SDK.
+    let out = run_script(&python, "openai/chat.py", "routes", &s.server.url, &s.key);
+    assert_eq!(out["completion"], "Hello from the fake");
+    assert_eq!(out["completion_usage"], json!([12, 5]));
+    assert_eq!(out["completion_streamed"], "Hello from the fake");
+    assert_eq!(
+        out["embeddings"],
+        json!([[0.25, -0.5, 0.125], [0.25, -0.5, 0.125]])
+    );
+    assert_eq!(out["embedding_usage"], 12);
+    assert_eq!(out["response"], "Hello from the fake");
+    assert_eq!(out["response_usage"], json!([12, 5]));
+    assert_eq!(out["response_streamed"], "Hello from the fake");
+    assert_eq!(out["response_streamed_usage"], json!([12, 5]));
+    let paths: Vec<String> = s.up.received()[3..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+            "/v1/responses"
+        ]
+    );
+    // Four more calls at 64 µ$ and an embedding of 12 in at 24 µ$.
+    assert_eq!(s.used(), 0.000408);
     // A budget the next worst case cannot fit: RateLimitError, and nothing reaches the upstream.
     s.budget(0.0002);
     let out = run_script(&python, "openai/chat.py", "limited", &s.server.url, &s.key);
     assert_eq!(out["raised"], "RateLimitError", "{out}");
     assert_eq!(out["status"], 429);
-    assert_eq!(s.up.requests(), 3);
+    assert_eq!(s.up.requests(), 8);
 }
 
 #[test]
@@ -172,6 +202,17 @@ fn the_official_anthropic_sdk_works_through_sluice() {
     assert_eq!(s.up.requests(), 2);
     assert_eq!(s.up.received()[0].headers["x-api-key"], "upstream-secret");
     assert_eq!(s.used(), 0.000128);
+    // count_tokens is answered by the provider and costs nothing.
+    let out = run_script(
+        &python,
+        "anthropic/messages.py",
+        "count",
+        &s.server.url,
+        &s.key,
+    );
+    assert_eq!(out["input_tokens"], 12);
+    assert_eq!(s.up.received()[2].path, "/v1/messages/count_tokens");
+    assert_eq!(s.used(), 0.000128);
     s.budget(0.0002);
     let out = run_script(
         &python,
@@ -182,5 +223,5 @@ fn the_official_anthropic_sdk_works_through_sluice() {
     );
     assert_eq!(out["raised"], "RateLimitError", "{out}");
     assert_eq!(out["status"], 429);
-    assert_eq!(s.up.requests(), 2);
+    assert_eq!(s.up.requests(), 3);
 }

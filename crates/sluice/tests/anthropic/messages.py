@@ -14,6 +14,8 @@ if sys.argv[1] == "ok":
     out["usage"] = {"input": r.usage.input_tokens, "output": r.usage.output_tokens}
     with client.messages.stream(model="claude-test", max_tokens=100, messages=messages) as stream:
         out["streamed"] = "".join(stream.text_stream)
+elif sys.argv[1] == "count":
+    out["input_tokens"] = client.messages.count_tokens(model="claude-test", messages=messages).input_tokens
 else:
     try:
         client.messages.create(model="claude-test", max_tokens=100, messages=messages)

@@ -15,6 +15,27 @@ if sys.argv[1] == "ok":
     stream = client.chat.completions.create(model="gpt-test", messages=messages, max_tokens=100, stream=True)
     out["streamed"] = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
     out["models"] = [m.id for m in client.models.list()]
+elif sys.argv[1] == "routes":
+    c = client.completions.create(model="gpt-test", prompt="Say hello.", max_tokens=100)
+    out["completion"] = c.choices[0].text
+    out["completion_usage"] = [c.usage.prompt_tokens, c.usage.completion_tokens]
+    out["completion_streamed"] = "".join(
+        ch.choices[0].text for ch in client.completions.create(model="gpt-test", prompt="Say hello.", max_tokens=100, stream=True) if ch.choices
+    )
+    e = client.embeddings.create(model="gpt-test", input=["one", "two"])
+    out["embeddings"] = [list(d.embedding) for d in e.data]
+    out["embedding_usage"] = e.usage.prompt_tokens
+    r = client.responses.create(model="gpt-test", input="Say hello.", max_output_tokens=100)
+    out["response"] = r.output_text
+    out["response_usage"] = [r.usage.input_tokens, r.usage.output_tokens]
+    streamed = ""
+    with client.responses.stream(model="gpt-test", input="Say hello.", max_output_tokens=100) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                streamed += event.delta
+        final = stream.get_final_response()
+    out["response_streamed"] = streamed
+    out["response_streamed_usage"] = [final.usage.input_tokens, final.usage.output_tokens]
 else:
     try:
         client.chat.completions.create(model="gpt-test", messages=messages, max_tokens=100)
