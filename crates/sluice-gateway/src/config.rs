@@ -104,6 +104,9 @@ pub struct ModelDef {
     pub output_usd_per_mtok: Option<f64>,
     /// $ per million cached input tokens.
     pub cached_input_usd_per_mtok: Option<f64>,
+    /// $ per million input tokens written to a 5-minute prompt cache (Anthropic;
+    /// default 1.25 × input; 1-hour writes are 2 × input).
+    pub cache_write_usd_per_mtok: Option<f64>,
     /// The most output tokens one request may produce.
     pub max_output_tokens: Option<u64>,
     /// Models tried in order when this one's provider keeps failing.
@@ -308,6 +311,12 @@ fn resolve_proxy(
             _ => {
                 return Err(ConfigError::new(&key("output_usd_per_mtok"), "set both input_usd_per_mtok and output_usd_per_mtok, or neither"));
             }
+        };
+        let price = match m.cache_write_usd_per_mtok {
+            Some(w) => price
+                .with_cache_write(w)
+                .map_err(|e| ConfigError::new(&key("cache_write_usd_per_mtok"), e))?,
+            None => price,
         };
         let max_output_tokens = m.max_output_tokens.or(price.max_output_tokens).filter(|n| *n > 0).ok_or_else(|| {
             ConfigError::new(&key("max_output_tokens"), format!("unknown for {upstream_name:?}: set it (the worst case of a request needs it)"))

@@ -22,6 +22,10 @@ pub struct Price {
     pub output: MicrosPerMtok,
     /// Input tokens read from the prompt cache (default: the input price).
     pub cached_input: MicrosPerMtok,
+    /// Input tokens written to a 5-minute prompt cache (Anthropic; default 1.25 × input).
+    pub cache_write: MicrosPerMtok,
+    /// Input tokens written to a 1-hour prompt cache (Anthropic; default 2 × input).
+    pub cache_write_1h: MicrosPerMtok,
     /// The most output tokens one request can produce, when known.
     pub max_output_tokens: Option<u64>,
 }
@@ -33,6 +37,10 @@ pub struct TokenUsage {
     pub input: u64,
     /// Of the input, read from the prompt cache.
     pub cached_input: u64,
+    /// Of the input, written to a 5-minute prompt cache.
+    pub cache_write: u64,
+    /// Of the input, written to a 1-hour prompt cache.
+    pub cache_write_1h: u64,
     /// Output tokens.
     pub output: u64,
 }
@@ -64,15 +72,33 @@ impl Price {
                 .map(|c| conv("cached_input_usd_per_mtok", c))
                 .transpose()?
                 .unwrap_or(input),
+            cache_write: (input * 5).div_ceil(4),
+            cache_write_1h: input * 2,
             max_output_tokens: None,
         })
     }
 
-    /// Micro-dollars for this usage, rounded up.
+    /// With an explicit price for 5-minute cache writes.
+    pub fn with_cache_write(mut self, usd_per_mtok: f64) -> Result<Price, String> {
+        if !usd_per_mtok.is_finite() || !(0.0..=1e6).contains(&usd_per_mtok) {
+            return Err(format!(
+                "cache_write_usd_per_mtok must be a price in dollars per million tokens, 0 to 1000000, got {usd_per_mtok}"
+            ));
+        }
+        self.cache_write = (usd_per_mtok * 1e6).round() as u64;
+        Ok(self)
+    }
+
+    /// Micro-dollars for this usage, rounded up. Cache reads and writes are
+    /// parts of the input (capped at it), each at its own price.
     pub fn cost_micros(&self, usage: TokenUsage) -> u64 {
         let cached = usage.cached_input.min(usage.input);
-        let total = times(usage.input - cached, self.input)
+        let written = usage.cache_write.min(usage.input - cached);
+        let written_1h = usage.cache_write_1h.min(usage.input - cached - written);
+        let total = times(usage.input - cached - written - written_1h, self.input)
             + times(cached, self.cached_input)
+            + times(written, self.cache_write)
+            + times(written_1h, self.cache_write_1h)
             + times(usage.output, self.output);
         u64::try_from(total.div_ceil(1_000_000)).unwrap_or(u64::MAX)
     }
@@ -151,6 +177,9 @@ impl PriceTable {
             else {
                 continue;
             };
+            if let Some(w) = per_token("cache_creation_input_token_cost") {
+                p = p.with_cache_write(w * 1e6).unwrap_or(p);
+            }
             p.max_output_tokens = entry
                 .get("max_output_tokens")
                 .and_then(Value::as_u64)
@@ -210,7 +239,8 @@ mod tests {
             p.cost_micros(TokenUsage {
                 input: 1_000_000,
                 cached_input: 0,
-                output: 1_000_000
+                output: 1_000_000,
+                ..TokenUsage::default()
             }),
             750_000
         );
@@ -219,7 +249,8 @@ mod tests {
             p.cost_micros(TokenUsage {
                 input: 1,
                 cached_input: 0,
-                output: 0
+                output: 0,
+                ..TokenUsage::default()
             }),
             1
         );
@@ -228,7 +259,8 @@ mod tests {
             p.cost_micros(TokenUsage {
                 input: 2_000_000,
                 cached_input: 1_000_000,
-                output: 0
+                output: 0,
+                ..TokenUsage::default()
             }),
             225_000
         );
@@ -236,13 +268,27 @@ mod tests {
             p.cost_micros(TokenUsage {
                 input: 10,
                 cached_input: 50,
-                output: 0
+                output: 0,
+                ..TokenUsage::default()
             }),
             1
         );
         assert_eq!(p.cost_micros(TokenUsage::default()), 0);
         assert!(Price::from_usd_per_mtok(-1.0, 1.0, None).is_err());
         assert!(Price::from_usd_per_mtok(f64::NAN, 1.0, None).is_err());
+        // Cache writes: 5-minute at 1.25 × input, 1-hour at 2 × input.
+        let c = Price::from_usd_per_mtok(3.0, 15.0, Some(0.3)).unwrap();
+        assert_eq!(
+            c.cost_micros(TokenUsage {
+                input: 1_000_000 + 1_000_000 + 1_000_000 + 1_000_000,
+                cached_input: 1_000_000,
+                cache_write: 1_000_000,
+                cache_write_1h: 1_000_000,
+                output: 0
+            }),
+            3_000_000 + 300_000 + 3_750_000 + 6_000_000
+        );
+        assert_eq!(c.with_cache_write(4.0).unwrap().cache_write, 4_000_000);
         // No cached price: cached tokens cost the input price.
         let q = Price::from_usd_per_mtok(3.0, 15.0, None).unwrap();
         assert_eq!(q.cached_input, q.input);

@@ -206,6 +206,7 @@ fn usage_of(endpoint: Endpoint, v: &Value) -> Option<TokenUsage> {
                 Endpoint::Embeddings => 0,
                 _ => u.get("completion_tokens")?.as_u64()?,
             },
+            ..TokenUsage::default()
         }),
         Endpoint::Responses => Some(TokenUsage {
             input: u.get("input_tokens")?.as_u64()?,
@@ -213,25 +214,33 @@ fn usage_of(endpoint: Endpoint, v: &Value) -> Option<TokenUsage> {
                 .as_u64()
                 .unwrap_or(0),
             output: u.get("output_tokens")?.as_u64()?,
+            ..TokenUsage::default()
         }),
-        Endpoint::Messages => {
-            let (input, cached) = anthropic_input(u)?;
-            Some(TokenUsage {
-                input,
-                cached_input: cached,
-                output: u.get("output_tokens")?.as_u64()?,
-            })
-        }
+        Endpoint::Messages => Some(TokenUsage {
+            output: u.get("output_tokens")?.as_u64()?,
+            ..anthropic_input(u)?
+        }),
     }
 }
 
-/// Anthropic's input: uncached + cache reads + cache writes (writes priced as
-/// input), and the cache reads.
-fn anthropic_input(u: &Value) -> Option<(u64, u64)> {
+/// Anthropic's input (output left 0): uncached + cache reads + cache writes,
+/// with the reads and the writes (5-minute and 1-hour, from `cache_creation`
+/// when given, else all 5-minute) priced apart.
+fn anthropic_input(u: &Value) -> Option<TokenUsage> {
     let uncached = u.get("input_tokens")?.as_u64()?;
     let read = u["cache_read_input_tokens"].as_u64().unwrap_or(0);
     let written = u["cache_creation_input_tokens"].as_u64().unwrap_or(0);
-    Some((uncached + read + written, read))
+    let written_1h = u["cache_creation"]["ephemeral_1h_input_tokens"]
+        .as_u64()
+        .unwrap_or(0)
+        .min(written);
+    Some(TokenUsage {
+        input: uncached + read + written,
+        cached_input: read,
+        cache_write: written - written_1h,
+        cache_write_1h: written_1h,
+        output: 0,
+    })
 }
 
 fn amounts(model: &Model, usage: TokenUsage) -> Amounts {
@@ -291,6 +300,17 @@ async fn finish(
     }
 }
 
+/// Whether an Anthropic request asks for prompt caching anywhere.
+fn body_mentions_cache_control(v: &Value) -> bool {
+    match v {
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| k == "cache_control" || body_mentions_cache_control(v)),
+        Value::Array(items) => items.iter().any(body_mentions_cache_control),
+        _ => false,
+    }
+}
+
 /// A reservation held for one candidate model.
 struct Held {
     id: sluice_core::ReservationId,
@@ -329,10 +349,15 @@ async fn reserve_for(
         by_quota: false,
     })?;
     let quota_index = model.quota_subject.as_ref().map(|_| subjects.len() - 1);
+    // The worst case prices every input token as a 1-hour cache write when
+    // the request marks anything for caching (the dearest way to read it).
+    let input = estimate_input_tokens(endpoint, &model.upstream_name, req);
+    let caches = endpoint == Endpoint::Messages && body_mentions_cache_control(req);
     let worst_usage = TokenUsage {
-        input: estimate_input_tokens(endpoint, &model.upstream_name, req),
-        cached_input: 0,
+        input,
+        cache_write_1h: if caches { input } else { 0 },
         output: output_bound(endpoint, req, model),
+        ..TokenUsage::default()
     };
     let held = amounts(model, worst_usage);
     // Every attempt and back-off fits in the lease, with a minute to spare.
@@ -951,8 +976,8 @@ struct StreamSettle {
     model: Model,
     held: Amounts,
     input_estimate: u64,
-    /// Input (and cached input) reported before the stream's end (Anthropic's `message_start`).
-    known_input: Option<(u64, u64)>,
+    /// Input (and its cached parts) reported before the stream's end (Anthropic's `message_start`).
+    known_input: Option<TokenUsage>,
     text_bytes: u64,
     usage: Option<TokenUsage>,
     started_ns: u64,
@@ -966,9 +991,11 @@ impl StreamSettle {
             Some(u) => (u, "usage"),
             None => (
                 TokenUsage {
-                    input: self.known_input.map_or(self.input_estimate, |k| k.0),
-                    cached_input: self.known_input.map_or(0, |k| k.1),
                     output: (self.text_bytes.div_ceil(3)).max(1),
+                    ..self.known_input.unwrap_or(TokenUsage {
+                        input: self.input_estimate,
+                        ..TokenUsage::default()
+                    })
                 },
                 "estimated",
             ),
@@ -1045,13 +1072,15 @@ impl StreamSettle {
                 Some("message_delta") => {
                     // Cumulative output; input from message_start (or the estimate).
                     if let Some(out) = v["usage"]["output_tokens"].as_u64() {
-                        let (input, cached) = anthropic_input(&v["usage"])
-                            .or(self.known_input)
-                            .unwrap_or((self.input_estimate, 0));
+                        let input = anthropic_input(&v["usage"]).or(self.known_input).unwrap_or(
+                            TokenUsage {
+                                input: self.input_estimate,
+                                ..TokenUsage::default()
+                            },
+                        );
                         self.usage = Some(TokenUsage {
-                            input,
-                            cached_input: cached,
                             output: out,
+                            ..input
                         });
                     }
                 }

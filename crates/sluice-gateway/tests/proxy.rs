@@ -498,6 +498,39 @@ async fn the_anthropic_wire_is_charged_from_usage_and_from_stream_events() {
     settled(&s).await;
     assert_eq!(usage(&s).await["limits"][0]["used"], 0.000396);
 
+    // Cache writes at their own prices: of 1,000 input tokens, 100 read ($0.3),
+    // 200 written for 5 minutes ($3.75), 300 for an hour ($6), 400 uncached ($3);
+    // 10 out ($15): 30 + 750 + 1,800 + 1,200 + 150 = 3,930 µ$, streamed or not.
+    up.set_usage(Usage {
+        input: 1_000,
+        cached: 100,
+        output: 10,
+    });
+    up.set_cache_writes(200, 300);
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/messages",
+            &auth,
+            Some(claude(100).to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.004326);
+    let r = s
+        .http
+        .post(format!("{}/v1/messages", s.url))
+        .header("x-api-key", &key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains("event: message_stop"));
+    settled(&s).await;
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.008256);
+    up.set_cache_writes(0, 0);
+
     // Refusals are Anthropic-shaped.
     s.admin(
         Method::PUT,
@@ -526,7 +559,7 @@ async fn the_anthropic_wire_is_charged_from_usage_and_from_stream_events() {
     assert_eq!(r.body["type"], "error");
     assert_eq!(r.body["error"]["type"], "rate_limit_error");
     assert!(r.header("retry-after").is_some());
-    assert_eq!(up.requests(), 3);
+    assert_eq!(up.requests(), 5);
     // A model on the other wire is refused with a pointer to the right route.
     let r = s
         .raw(

@@ -69,6 +69,8 @@ pub struct Received {
 #[derive(Debug)]
 struct Inner {
     usage: Usage,
+    /// Anthropic cache writes (5-minute, 1-hour), parts of `usage.input`.
+    cache_writes: (u64, u64),
     chunks: Vec<String>,
     delay: Duration,
     script: VecDeque<Script>,
@@ -107,6 +109,7 @@ impl FakeUpstream {
             chunks: ["Hello", " from", " the", " fake"]
                 .map(String::from)
                 .to_vec(),
+            cache_writes: (0, 0),
             delay: Duration::ZERO,
             script: VecDeque::new(),
             received: Vec::new(),
@@ -135,6 +138,12 @@ impl FakeUpstream {
     /// Usage reported from now on.
     pub fn set_usage(&self, usage: Usage) {
         lock(&self.inner).usage = usage;
+    }
+
+    /// Anthropic cache writes reported from now on (5-minute, 1-hour), as
+    /// parts of the usage's input.
+    pub fn set_cache_writes(&self, five_minute: u64, one_hour: u64) {
+        lock(&self.inner).cache_writes = (five_minute, one_hour);
     }
 
     /// Delay before each streamed chunk (a non-streaming OpenAI answer waits for all of them).
@@ -333,8 +342,17 @@ async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Byte
     if let Some(r) = error_response(&script, "anthropic") {
         return r;
     }
+    let (w5, w1) = lock(&inner).cache_writes;
     let model = req["model"].as_str().unwrap_or("fake-model").to_owned();
-    let uncached = usage.input - usage.cached.min(usage.input);
+    let uncached = usage.input.saturating_sub(usage.cached + w5 + w1);
+    let input_usage = json!({"input_tokens": uncached, "cache_read_input_tokens": usage.cached,
+        "cache_creation_input_tokens": w5 + w1,
+        "cache_creation": {"ephemeral_5m_input_tokens": w5, "ephemeral_1h_input_tokens": w1}});
+    let with_output = |n: u64| {
+        let mut u = input_usage.clone();
+        u["output_tokens"] = json!(n);
+        u
+    };
     let cut = match script {
         Script::Disconnect { after_chunks } => Some(after_chunks + 2), // after message_start and content_block_start
         _ => None,
@@ -346,7 +364,7 @@ async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Byte
                 "message_start",
                 json!({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
                 "model": model, "content": [], "stop_reason": null,
-                "usage": {"input_tokens": uncached, "cache_read_input_tokens": usage.cached, "output_tokens": 1}}}),
+                "usage": with_output(1)}}),
             ),
             ev(
                 "content_block_start",
@@ -368,7 +386,7 @@ async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Byte
         "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
         "content": [{"type": "text", "text": chunks.concat()}],
         "stop_reason": "end_turn",
-        "usage": {"input_tokens": uncached, "cache_read_input_tokens": usage.cached, "output_tokens": usage.output},
+        "usage": with_output(usage.output),
     });
     json_or_cut(&answer, cut)
 }
