@@ -188,9 +188,12 @@ impl Subject {
         Ok(Subject::new(s.into(), SubjectKind::Agent))
     }
 
-    /// The `global` subject.
+    /// The `global` subject (shared: no allocation).
     pub fn global() -> Subject {
-        Subject::new("global".into(), SubjectKind::Global)
+        static GLOBAL: OnceLock<Subject> = OnceLock::new();
+        GLOBAL
+            .get_or_init(|| Subject::new("global".into(), SubjectKind::Global))
+            .clone()
     }
 
     /// The wildcard subject for a kind (`user:*`, `agent://*`); `global` for [`SubjectKind::Global`].

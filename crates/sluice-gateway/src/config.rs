@@ -166,9 +166,11 @@ pub struct Model {
     pub max_output_tokens: u64,
     /// Fallback models, in order.
     pub fallbacks: Vec<String>,
+    /// `model:NAME`, parsed once.
+    pub subject: sluice_core::Subject,
     /// `provider:PROVIDER/UPSTREAM_NAME` when the provider's quota on this
     /// upstream model is configured (shared by every alias of it).
-    pub quota_subject: Option<String>,
+    pub quota_subject: Option<sluice_core::Subject>,
 }
 
 /// A provider's per-minute quota on one upstream model.
@@ -329,8 +331,10 @@ fn resolve_proxy(
                 ));
             }
         }
+        let subject = sluice_core::Subject::parse(&format!("model:{}", m.name))
+            .map_err(|e| ConfigError::new(&key("name"), format!("cannot be a subject: {e}")))?;
         let quota_subject = format!("provider:{}/{upstream_name}", providers[provider].name);
-        sluice_core::Subject::parse(&quota_subject).map_err(|e| {
+        let parsed_quota = sluice_core::Subject::parse(&quota_subject).map_err(|e| {
             ConfigError::new(&key("upstream_name"), format!("cannot name its quota: {e}"))
         })?;
         if m.rpm.is_some() || m.tpm.is_some() {
@@ -361,7 +365,8 @@ fn resolve_proxy(
                 price,
                 max_output_tokens,
                 fallbacks: m.fallbacks.clone(),
-                quota_subject: Some(quota_subject),
+                subject,
+                quota_subject: Some(parsed_quota),
             },
         );
     }
@@ -386,7 +391,7 @@ fn resolve_proxy(
     for m in models.values_mut() {
         if m.quota_subject
             .as_ref()
-            .is_some_and(|q| !quotas.contains_key(q))
+            .is_some_and(|q| !quotas.contains_key(q.as_str()))
         {
             m.quota_subject = None;
         }

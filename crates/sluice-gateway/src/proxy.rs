@@ -125,6 +125,37 @@ impl Endpoint {
     }
 }
 
+/// Every upstream path the proxy calls.
+const UPSTREAM_PATHS: [&str; 6] = [
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "messages/count_tokens",
+];
+
+/// Each provider's endpoint URLs, parsed once at start.
+pub fn upstream_urls(
+    proxy: &crate::config::Proxy,
+) -> Result<Vec<Vec<(&'static str, reqwest::Url)>>, String> {
+    proxy
+        .providers
+        .iter()
+        .map(|p| {
+            UPSTREAM_PATHS
+                .iter()
+                .map(|path| {
+                    let url = format!("{}/{path}", p.base_url);
+                    reqwest::Url::parse(&url)
+                        .map(|u| (*path, u))
+                        .map_err(|e| format!("provider {}: bad URL {url}: {e}", p.name))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Load the tokenizers the configured models need (at start, not on the first request).
 pub fn warm_tokenizers(models: &std::collections::BTreeMap<String, Model>) {
     crate::estimate::warm(models);
@@ -171,7 +202,7 @@ pub fn output_bound(endpoint: Endpoint, body: &Value, model: &Model) -> u64 {
 
 /// The subjects a proxied request is counted against, or what is wrong with a header.
 fn subjects(caller: &Caller, headers: &HeaderMap, model: &Model) -> Result<Vec<Subject>, String> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(6);
     if let Caller::Agent(k) = caller {
         out.push(k.subject.clone());
     }
@@ -182,20 +213,37 @@ fn subjects(caller: &Caller, headers: &HeaderMap, model: &Model) -> Result<Vec<S
             out.push(s);
         }
     }
-    let name =
-        Subject::parse(&format!("model:{}", model.name)).map_err(|e| format!("model: {e}"))?;
-    out.push(name);
+    out.push(model.subject.clone());
     out.push(Subject::global());
     // The provider's quota goes last: its statuses are left out of the agent's headers.
     if let Some(q) = &model.quota_subject {
-        out.push(Subject::parse(q).map_err(|e| format!("quota: {e}"))?);
+        out.push(q.clone());
     }
     Ok(out)
 }
 
 /// The usage an answer (or a stream event carrying a whole answer) reports.
 fn usage_of(endpoint: Endpoint, v: &Value) -> Option<TokenUsage> {
-    let u = v.get("usage").filter(|u| u.is_object())?;
+    usage_fields(endpoint, v.get("usage")?)
+}
+
+/// An answer's `usage`, the rest of it skipped without being built.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Value,
+}
+
+/// The usage in an answer's bytes.
+fn usage_in(endpoint: Endpoint, bytes: &[u8]) -> Option<TokenUsage> {
+    let answer: UsageOnly = serde_json::from_slice(bytes).ok()?;
+    usage_fields(endpoint, &answer.usage)
+}
+
+fn usage_fields(endpoint: Endpoint, u: &Value) -> Option<TokenUsage> {
+    if !u.is_object() {
+        return None;
+    }
     match endpoint {
         Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings => Some(TokenUsage {
             input: u.get("prompt_tokens")?.as_u64()?,
@@ -547,21 +595,29 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 /// attempt count and the deadline.
 async fn call_upstream(
     st: &AppState,
-    provider: &crate::config::Provider,
+    provider_index: usize,
     path: &str,
-    body: &Value,
+    body: Bytes,
     client_headers: &HeaderMap,
 ) -> Upstream {
     let proxy = &st.config.proxy;
+    let provider = &proxy.providers[provider_index];
+    let Some(url) = st.upstream_urls[provider_index]
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, u)| u)
+    else {
+        return Upstream::Failed(None, format!("no upstream URL for {path}"));
+    };
     #[allow(clippy::disallowed_methods)] // a deadline for sleeping, not a decision's clock
     let deadline = tokio::time::Instant::now() + proxy.timeout;
     let mut last = (None, String::new());
     for attempt in 0..proxy.attempts {
         let mut call = st
             .http
-            .post(format!("{}/{path}", provider.base_url))
+            .post(url.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .body(body.to_string());
+            .body(body.clone());
         match (provider.wire, &provider.api_key) {
             (Wire::OpenAi, Some(k)) => call = call.bearer_auth(k),
             (Wire::Anthropic, key) => {
@@ -729,9 +785,17 @@ pub async fn anthropic_count_tokens(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let provider = st.config.proxy.providers[model.provider].clone();
     req["model"] = Value::from(model.upstream_name.clone());
-    match call_upstream(&st, &provider, "messages/count_tokens", &req, &headers).await {
+    let bytes = Bytes::from(req.to_string());
+    match call_upstream(
+        &st,
+        model.provider,
+        "messages/count_tokens",
+        bytes,
+        &headers,
+    )
+    .await
+    {
         Upstream::Answer(resp) => {
             let status =
                 StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -785,7 +849,7 @@ async fn proxy_request(
         .collect();
     let mut failure = (None, String::from("no model could serve the request"));
     for (i, model) in candidates.iter().enumerate() {
-        let provider = st.config.proxy.providers[model.provider].clone();
+        let provider = &st.config.proxy.providers[model.provider];
         let more = i + 1 < candidates.len();
         // Each candidate holds its own worst case on its own subjects (`model:NAME` differs).
         let held = match reserve_for(endpoint, &st, &caller, &headers, &req, model).await {
@@ -797,12 +861,21 @@ async fn proxy_request(
             }
             Err(refused) => return refused.response,
         };
-        let mut upstream_body = req.clone();
-        upstream_body["model"] = Value::from(model.upstream_name.clone());
-        if streaming && matches!(endpoint, Endpoint::Chat | Endpoint::Completions) {
-            // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
-            upstream_body["stream_options"]["include_usage"] = Value::from(true);
-        }
+        // Ask for the usage chunk; it is dropped on the way out unless the client asked too.
+        let ask_usage = streaming
+            && !client_wants_usage
+            && matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
+        // The client's bytes go as they came unless the model's name or the stream options change.
+        let upstream_body = if model.upstream_name == first.name && !ask_usage {
+            body.clone()
+        } else {
+            let mut b = req.clone();
+            b["model"] = Value::from(model.upstream_name.clone());
+            if ask_usage {
+                b["stream_options"]["include_usage"] = Value::from(true);
+            }
+            Bytes::from(b.to_string())
+        };
         // If the client goes away while the upstream works, this request is
         // dropped here: the guard settles it at once at the held worst case
         // (the upstream may still serve and bill it) instead of at lease expiry.
@@ -812,7 +885,14 @@ async fn proxy_request(
             held: held.amounts,
             model: model.name.clone(),
         };
-        let called = call_upstream(&st, &provider, endpoint.path(), &upstream_body, &headers).await;
+        let called = call_upstream(
+            &st,
+            model.provider,
+            endpoint.path(),
+            upstream_body,
+            &headers,
+        )
+        .await;
         guard.disarm();
         let resp = match called {
             Upstream::Answer(r) => r,
@@ -945,8 +1025,7 @@ async fn answer(
         }
     };
     let latency_ms = st.now().as_nanos().saturating_sub(held.now.as_nanos()) / 1_000_000;
-    let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let usage = usage_of(endpoint, &parsed);
+    let usage = usage_in(endpoint, &bytes);
     let detail = json!({"model": model.name, "upstream_model": model.upstream_name, "status": status.as_u16(),
         "latency_ms": latency_ms, "usage_reported": usage.is_some(), "endpoint": endpoint.path(),
         "cached_input_tokens": usage.map(|u| u.cached_input)});
@@ -1299,6 +1378,7 @@ mod tests {
             price: crate::pricing::Price::from_usd_per_mtok(1.0, 1.0, None).unwrap(),
             max_output_tokens: 1000,
             fallbacks: vec![],
+            subject: Subject::parse("model:m").unwrap(),
             quota_subject: None,
         };
         let b = |e, v: Value| output_bound(e, &v, &model);

@@ -85,6 +85,8 @@ pub struct AppState {
     pub intents: AtomicU64,
     /// The proxy's client to upstream providers.
     pub http: reqwest::Client,
+    /// Each provider's endpoint URLs, parsed once (`[provider][endpoint]`).
+    pub upstream_urls: Vec<Vec<(&'static str, reqwest::Url)>>,
 }
 
 impl AppState {
@@ -311,9 +313,12 @@ impl Gateway {
             idempotency,
             metrics: Metrics::default(),
             intents: AtomicU64::new(1),
+            upstream_urls: crate::proxy::upstream_urls(&config.proxy).map_err(StartError::Io)?,
             http: reqwest::Client::builder()
                 .timeout(config.proxy.timeout)
                 .connect_timeout(Duration::from_secs(10))
+                // An LLM API does not redirect; a redirect is passed on, never followed with the key.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| {
                     StartError::Io(format!("cannot build the upstream HTTP client: {e}"))
@@ -347,7 +352,15 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
         let router = self.router();
+        // No Nagle: a streamed answer's small events go out as they come
+        // (otherwise each waits for the client's delayed ACK, up to 40 ms).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY not set: {e}");
+            }
+        });
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await;

@@ -71,6 +71,8 @@ struct Inner {
     usage: Usage,
     /// Anthropic cache writes (5-minute, 1-hour), parts of `usage.input`.
     cache_writes: (u64, u64),
+    /// Whether requests are kept (a benchmark turns this off).
+    recording: bool,
     chunks: Vec<String>,
     delay: Duration,
     script: VecDeque<Script>,
@@ -110,6 +112,7 @@ impl FakeUpstream {
                 .map(String::from)
                 .to_vec(),
             cache_writes: (0, 0),
+            recording: true,
             delay: Duration::ZERO,
             script: VecDeque::new(),
             received: Vec::new(),
@@ -126,6 +129,10 @@ impl FakeUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
         FakeUpstream {
@@ -154,6 +161,11 @@ impl FakeUpstream {
     /// Behaviours for the next requests, in order (then `Ok`).
     pub fn script(&self, steps: impl IntoIterator<Item = Script>) {
         lock(&self.inner).script.extend(steps);
+    }
+
+    /// Stop keeping requests (for benchmarks: no lock-held growth per request).
+    pub fn set_recording(&self, on: bool) {
+        lock(&self.inner).recording = on;
     }
 
     /// Requests received so far.
@@ -188,12 +200,14 @@ fn begin(
 ) -> (Script, Usage, Vec<String>, Duration, Value) {
     let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let mut g = lock(inner);
-    g.received.push(Received {
-        wire,
-        path: path.to_owned(),
-        headers,
-        body: body.clone(),
-    });
+    if g.recording {
+        g.received.push(Received {
+            wire,
+            path: path.to_owned(),
+            headers,
+            body: body.clone(),
+        });
+    }
     let script = g.script.pop_front().unwrap_or(Script::Ok);
     (script, g.usage, g.chunks.clone(), g.delay, body)
 }

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Proxy benchmark: the same chat-completion load against the fake upstream
+# directly, through `sluice serve`, and through LiteLLM's proxy, in one run.
+#
+# - Max throughput: closed loop (CONNS connections), direct, a bare proxy
+#   (examples/bare_proxy.rs: the same axum + reqwest stack forwarding bytes,
+#   nothing else) and sluice back to back in each of ROUNDS rounds (median
+#   ratios reported: this machine is noisy), LiteLLM once.
+# - Added latency: open loop at RATE req/s (default 1,000): sluice minus direct
+#   at p50 and p99. LiteLLM cannot sustain that on one core, so it is measured
+#   at 80% of its own max, with sluice at the same rate for comparison.
+# - Both non-streaming and streaming (`"stream": true`, 4 chunks + usage).
+#
+# Placement (2 cores): the upstream and the load generator share core 0; the
+# proxy under test (sluice or LiteLLM) has core 1 to itself. Sluice enforces a
+# request limit and a dollar budget on the agent's key; LiteLLM runs with a
+# global `max_budget` (its per-key budgets need PostgreSQL plus Prisma engines
+# downloaded at start, which this offline machine cannot fetch).
+# Loopback only; every run is bounded in time.
+#
+#   bash bench/proxy.sh                         # ROUNDS=3, SECS=10
+#   SECS=5 ROUNDS=1 LITELLM=0 bash bench/proxy.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS="${SECS:-10}"
+CONNS="${CONNS:-32}"
+ROUNDS="${ROUNDS:-3}"
+RATE="${RATE:-1000}"
+LITELLM="${LITELLM:-1}"
+cargo build --release -q -p sluice
+cargo build --release -q -p sluice-gateway --example fake_upstream --example loadgen --example bare_proxy
+BIN=target/release
+WORK="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+PIN_UP=""; PIN_LOAD=""; PIN_PROXY=""
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 1"
+fi
+
+wait_addr() { # $1: log file
+  for _ in $(seq 1 100); do
+    addr="$(grep -o 'listening on http://[0-9.:]*' "$1" | head -1 | sed 's/listening on //')" || true
+    [ -n "$addr" ] && { echo "$addr"; return; }
+    sleep 0.1
+  done
+  echo "server did not start: $(cat "$1")" >&2; exit 1
+}
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+$PIN_UP "$BIN/examples/fake_upstream" 2>"$WORK/up.log" &
+UP="$(wait_addr "$WORK/up.log")"
+
+$PIN_PROXY "$BIN/examples/bare_proxy" "$UP/v1" 2>"$WORK/bare.log" &
+BARE="$(wait_addr "$WORK/bare.log")"
+
+ADMIN="bench-admin-key-0123456789abcdef"
+cat >"$WORK/sluice.toml" <<EOF
+[[providers]]
+name = "fake"
+format = "openai"
+base_url = "$UP/v1"
+api_key_env = "BENCH_UPSTREAM_KEY"
+
+[[models]]
+name = "gpt-4o-mini"            # priced from the built-in table
+provider = "fake"
+EOF
+BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN_PROXY "$BIN/sluice" serve \
+  --listen 127.0.0.1:0 --data-dir "$WORK/data" --config "$WORK/sluice.toml" 2>"$WORK/sluice.log" &
+SLUICE="$(wait_addr "$WORK/sluice.log")"
+AGENT="agent://bench/prod/bot"
+curl -fsS -X PUT "$SLUICE/v1/policies/$AGENT" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
+  -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+KEY="$(curl -fsS -X POST "$SLUICE/v1/keys" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
+  -d "{\"subject\": \"$AGENT\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+
+body() { # $1: stream true|false
+  echo "{\"model\": \"gpt-4o-mini\", \"max_tokens\": 64, \"stream\": $1, \"messages\": [{\"role\": \"user\", \"content\": \"Say hello in one short sentence, please.\"}]}"
+}
+load() { # $1 base url, $2 bearer, $3 stream, rest: extra args
+  local url="$1" auth="$2" stream="$3"; shift 3
+  $PIN_LOAD "$BIN/examples/loadgen" "$url/v1/chat/completions" --body "$(body "$stream")" \
+    --header "authorization: Bearer $auth" --conns "$CONNS" --secs "$SECS" "$@"
+}
+check_errors() { # $1 name, $2 result
+  [ "$(field "$2" errors)" = "0" ] || echo "$1: $(field "$2" errors) errors" >&2
+}
+
+echo "warming up" >&2
+load "$UP" sk-fake false --secs 2 >/dev/null; load "$SLUICE" "$KEY" false --secs 2 >/dev/null
+
+for STREAM in false true; do
+  echo
+  echo "### stream: $STREAM"
+  echo
+  echo "| round | direct max rps | bare proxy max rps | sluice max rps | sluice / direct | bare / direct | sluice / bare |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  RATIOS=(); BRATIOS=(); SB=(); S_RPS=()
+  for r in $(seq 1 "$ROUNDS"); do
+    D="$(load "$UP" sk-fake "$STREAM")"; P="$(load "$BARE" sk-fake "$STREAM")"; S="$(load "$SLUICE" "$KEY" "$STREAM")"
+    check_errors direct "$D"; check_errors bare "$P"; check_errors sluice "$S"
+    ratio="$(python3 -c "print(f'{$(field "$S" rps) / $(field "$D" rps):.3f}')")"
+    bratio="$(python3 -c "print(f'{$(field "$P" rps) / $(field "$D" rps):.3f}')")"
+    sb="$(python3 -c "print(f'{$(field "$S" rps) / $(field "$P" rps):.3f}')")"
+    RATIOS+=("$ratio"); BRATIOS+=("$bratio"); SB+=("$sb"); S_RPS+=("$(field "$S" rps)")
+    echo "| $r | $(field "$D" rps) | $(field "$P" rps) | $(field "$S" rps) | $ratio | $bratio | $sb |"
+  done
+  echo
+  echo "median max throughput: sluice / direct $(python3 -c "print(f'{$(median "${RATIOS[@]}"):.0%}')")," \
+    "bare proxy / direct $(python3 -c "print(f'{$(median "${BRATIOS[@]}"):.0%}')"), sluice / bare proxy $(python3 -c "print(f'{$(median "${SB[@]}"):.0%}')")"
+  D1="$(load "$UP" sk-fake "$STREAM" --rate "$RATE")"; P1="$(load "$BARE" sk-fake "$STREAM" --rate "$RATE")"; S1="$(load "$SLUICE" "$KEY" "$STREAM" --rate "$RATE")"
+  check_errors direct "$D1"; check_errors bare "$P1"; check_errors sluice "$S1"
+  echo
+  echo "| at $RATE req/s | p50 (µs) | p99 (µs) | p50 added to direct | p99 added to direct |"
+  echo "|---|---:|---:|---:|---:|"
+  for row in "direct:$D1" "bare proxy:$P1" "sluice:$S1"; do
+    name="${row%%:*}"; res="${row#*:}"
+    echo "| $name | $(field "$res" p50_us) | $(field "$res" p99_us) | $(( $(field "$res" p50_us) - $(field "$D1" p50_us) )) | $(( $(field "$res" p99_us) - $(field "$D1" p99_us) )) |"
+  done
+  declare "SMAX_$STREAM=$(median "${S_RPS[@]}")"
+done
+echo
+echo "sluice reservations outstanding at the end: $(curl -fsS "$SLUICE/metrics" | awk '/^sluice_reservations_outstanding/ {print $2}')"
+
+# LiteLLM last, so its process is not on the proxy core while sluice's max is measured.
+LITE=""
+if [ "$LITELLM" = "1" ]; then
+  VENV="${LITELLM_VENV:-target/bench/litellm-venv}"
+  if [ ! -x "$VENV/bin/litellm" ]; then
+    echo "installing litellm[proxy] into $VENV" >&2
+    python3 -m venv "$VENV" && "$VENV/bin/pip" install -q 'litellm[proxy]' >&2
+  fi
+  PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  cat >"$WORK/litellm.yaml" <<EOF
+model_list:
+  - model_name: gpt-4o-mini
+    litellm_params:
+      model: openai/gpt-4o-mini
+      api_base: $UP/v1
+      api_key: sk-fake
+general_settings:
+  master_key: sk-bench-master
+litellm_settings:
+  max_budget: 1000000
+EOF
+  LITELLM_LOCAL_MODEL_COST_MAP=True $PIN_PROXY "$VENV/bin/litellm" --config "$WORK/litellm.yaml" \
+    --host 127.0.0.1 --port "$PORT" --num_workers 1 >"$WORK/litellm.log" 2>&1 &
+  for _ in $(seq 1 120); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$PORT/health/liveliness" 2>/dev/null && { LITE="http://127.0.0.1:$PORT"; break; }
+    sleep 0.5
+  done
+  [ -n "$LITE" ] || echo "LiteLLM did not start: $(tail -5 "$WORK/litellm.log")" >&2
+fi
+
+if [ -n "$LITE" ]; then
+  load "$LITE" sk-bench-master false --secs 2 --conns 8 >/dev/null
+  echo
+  echo "### LiteLLM $("$VENV/bin/pip" show litellm 2>/dev/null | awk '/^Version/ {print $2}') (one worker, the proxy core, 8 connections)"
+  echo
+  echo "| stream | LiteLLM max rps | p50 / p99 at max (µs) | sluice median max / LiteLLM max | at 80% of LiteLLM's max: LiteLLM p50 / p99 (µs) | same rate, sluice p50 / p99 (µs) |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for STREAM in false true; do
+    L="$(load "$LITE" sk-bench-master "$STREAM" --conns 8)"; check_errors litellm "$L"
+    LR="$(python3 -c "print(max(1, int($(field "$L" rps) * 0.8)))")"
+    L8="$(load "$LITE" sk-bench-master "$STREAM" --rate "$LR" --conns 8)"
+    S8="$(load "$SLUICE" "$KEY" "$STREAM" --rate "$LR" --conns 8)"
+    smax="SMAX_$STREAM"
+    echo "| $STREAM | $(field "$L" rps) | $(field "$L" p50_us) / $(field "$L" p99_us) | $(python3 -c "print(f'{${!smax} / $(field "$L" rps):.0f}x')") | $LR req/s: $(field "$L8" p50_us) / $(field "$L8" p99_us) | $(field "$S8" p50_us) / $(field "$S8" p99_us) |"
+  done
+fi
