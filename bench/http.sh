@@ -22,14 +22,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 PIN_SERVER=""; PIN_LOAD=""
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN_SERVER="taskset -c 0"; PIN_LOAD="taskset -c 1"; fi
 
-wait_addr() { # $1: log file
-  for _ in $(seq 1 100); do
-    addr="$(grep -o 'listening on http://[0-9.:]*' "$1" | head -1 | sed 's/listening on //')" || true
-    [ -n "$addr" ] && { echo "$addr"; return; }
-    sleep 0.1
-  done
-  echo "server did not start: $(cat "$1")" >&2; exit 1
-}
+source bench/lib.sh
 
 KEY="bench-admin-key-0123456789abcdef"
 SLUICE_ADMIN_KEY="$KEY" SLUICE_LOG=warn $PIN_SERVER "$BIN/sluice" serve --listen 127.0.0.1:0 --data-dir "$WORK/data" 2>"$WORK/sluice.log" &
@@ -55,7 +48,6 @@ drain() { # wait (bounded) until the ledger has written everything queued
   echo "ledger still has $p rows pending after 30 s" >&2
 }
 pending() { curl -fsS "$SLUICE/metrics" | awk '/^sluice_ledger_pending_rows/ {print $2}'; }
-field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 echo "warming up" >&2
 run "$YARD" --secs 2 >/dev/null; run "$SLUICE" --secs 2 >/dev/null; drain

@@ -38,16 +38,7 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 1"
 fi
 
-wait_addr() { # $1: log file
-  for _ in $(seq 1 100); do
-    addr="$(grep -o 'listening on http://[0-9.:]*' "$1" | head -1 | sed 's/listening on //')" || true
-    [ -n "$addr" ] && { echo "$addr"; return; }
-    sleep 0.1
-  done
-  echo "server did not start: $(cat "$1")" >&2; exit 1
-}
-field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+source bench/lib.sh
 
 $PIN_UP "$BIN/examples/fake_upstream" 2>"$WORK/up.log" &
 UP="$(wait_addr "$WORK/up.log")"
