@@ -67,8 +67,12 @@ fn is_claude(model: &str) -> bool {
 /// Load the tokenizers the configured models need (at start, not on the first request).
 pub fn warm(models: &std::collections::BTreeMap<String, crate::config::Model>) {
     for m in models.values() {
-        if openai_encoding(&m.upstream_name).is_none() && is_claude(&m.upstream_name) {
-            let _ = tiktoken_rs::cl100k_base_singleton();
+        match Counter::for_model(&m.upstream_name) {
+            // Looking an OpenAI model's encoding up loads it.
+            Counter::Exact(_) | Counter::Bytes => {}
+            Counter::Claude => {
+                let _ = tiktoken_rs::cl100k_base_singleton();
+            }
         }
     }
 }

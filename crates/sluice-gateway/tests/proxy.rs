@@ -899,3 +899,78 @@ async fn anthropic_reset_headers_are_honoured() {
     assert_eq!(outstanding(&s).await, 0);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_proxy_requests_never_get_a_5xx_or_leak_a_reservation() {
+    let (s, _up, key, _dir) = setup(1000.0).await;
+    let templates: Vec<(&str, Value)> = vec![
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-test", "max_tokens": 10, "n": 1, "stream": false,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "gpt-test", "prompt": ["a", [1, 2]], "max_tokens": 5, "best_of": 1, "stream": false}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "gpt-test", "input": ["a", "b"], "encoding_format": "float"}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-test", "instructions": "x", "max_output_tokens": 5, "stream": false,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}, {"type": "input_file", "file_data": "AAAA"}]}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "claude-test", "max_tokens": 10, "stream": false,
+            "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                {"type": "image", "source": {"type": "base64", "data": "AAAA"}},
+                {"type": "document", "source": {"type": "url", "url": "https://x"}}]}],
+            "tools": [{"name": "t", "input_schema": {}}]}),
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    ];
+    let mut rng = Rng(0x00DD_BA11_5EED);
+    let mut sent = 0;
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        for (path, template) in &templates {
+            let (body, bytes) = mutated_body(template, &mut rng);
+            let r = s.post_json_bytes(path, &key, bytes).await;
+            sent += 1;
+            assert!(
+                r.status.as_u16() < 500,
+                "{path}: {} {:?} for {body}",
+                r.status,
+                r.body
+            );
+            *statuses.entry(r.status.as_u16()).or_insert(0u32) += 1;
+            if !r.status.is_success() {
+                // The wire's own error shape.
+                let message = if path.contains("messages") {
+                    assert_eq!(r.body["type"], "error", "{path}: {:?}", r.body);
+                    &r.body["error"]["message"]
+                } else {
+                    &r.body["error"]["message"]
+                };
+                assert!(message.is_string(), "{path}: {:?} for {body}", r.body);
+            }
+        }
+    }
+    assert_eq!(sent, 240);
+    println!("statuses: {statuses:?}");
+    // Both sides of the proxy were exercised: served calls and refused ones.
+    assert!(statuses.get(&200).is_some_and(|n| *n >= 20), "{statuses:?}");
+    assert!(statuses.keys().any(|s| *s >= 400), "{statuses:?}");
+    settled(&s).await;
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, header::HeaderMap};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sluice_core::{ManualClock, Timestamp};
 use sluice_gateway::{Config, FileConfig, Gateway, Overrides};
 use tokio::sync::oneshot;
@@ -149,5 +149,102 @@ impl Server {
 
     pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
         self.call(method, path, ADMIN, body).await
+    }
+}
+
+/// A fixed-seed xorshift generator for the mutation tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// An odd JSON value.
+pub fn wild(rng: &mut Rng) -> Value {
+    match rng.below(14) {
+        0 => Value::Null,
+        1 => json!(true),
+        2 => json!(-1),
+        3 => json!(0),
+        4 => json!(1e308),
+        5 => json!(u64::MAX),
+        6 => json!(-0.000001),
+        7 => json!("NaN"),
+        8 => json!(""),
+        9 => json!("agent://a/b/c"),
+        10 => json!("ü🦀\u{0}x"),
+        11 => json!([1, "x", null]),
+        12 => json!({"nested": {"deep": [1, 2, 3]}}),
+        _ => json!("x".repeat(300)),
+    }
+}
+
+/// Mutate a JSON value: replace, delete or add members, recursively.
+pub fn mutate(v: &Value, rng: &mut Rng, depth: usize) -> Value {
+    if depth > 3 || rng.below(5) == 0 {
+        return wild(rng);
+    }
+    match v {
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (k, val) in map {
+                match rng.below(6) {
+                    0 => {} // drop it
+                    1 => {
+                        out.insert(k.clone(), wild(rng));
+                    }
+                    _ => {
+                        out.insert(k.clone(), mutate(val, rng, depth + 1));
+                    }
+                }
+            }
+            if rng.below(4) == 0 {
+                out.insert(format!("extra{}", rng.below(9)), wild(rng));
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|i| mutate(i, rng, depth + 1)).collect())
+        }
+        _ if rng.below(2) == 0 => wild(rng),
+        other => other.clone(),
+    }
+}
+
+/// A mutation of `template` and the bytes to send for it: its JSON, or one
+/// time in ten the first half of it (truncated, not JSON).
+pub fn mutated_body(template: &Value, rng: &mut Rng) -> (Value, Vec<u8>) {
+    let body = mutate(template, rng, 0);
+    let bytes = if rng.below(10) == 0 {
+        let text = body.to_string();
+        text.as_bytes()[..text.len() / 2].to_vec()
+    } else {
+        serde_json::to_vec(&body).unwrap_or_default()
+    };
+    (body, bytes)
+}
+
+impl Server {
+    /// POST raw bytes as JSON with a bearer key.
+    pub async fn post_json_bytes(&self, path: &str, key: &str, bytes: Vec<u8>) -> Reply {
+        let auth = format!("Bearer {key}");
+        self.raw(
+            Method::POST,
+            path,
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ],
+            Some(bytes),
+        )
+        .await
     }
 }
