@@ -724,6 +724,29 @@ mod tests {
         );
         assert_eq!(c.proxy.providers[0].wire, Wire::OpenAi);
         assert!(!format!("{:?}", c.proxy.providers[0]).contains("sk-"));
+        // Quotas: one subject per upstream model, shared by its names; none without rpm/tpm.
+        let text = format!(
+            "{PROVIDER}[[models]]\nname = \"a\"\nprovider = \"openai\"\nupstream_name = \"gpt-4o\"\nrpm = 10\ntpm = 5000\n\
+             [[models]]\nname = \"b\"\nprovider = \"openai\"\nupstream_name = \"gpt-4o\"\n\
+             [[models]]\nname = \"c\"\nprovider = \"openai\"\nupstream_name = \"gpt-4o-mini\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let q = |m: &str| {
+            c.proxy.models[m]
+                .quota_subject
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+        };
+        assert_eq!(q("a").as_deref(), Some("provider:openai/gpt-4o"));
+        assert_eq!(q("b"), q("a"));
+        assert_eq!(q("c"), None);
+        assert_eq!(
+            c.proxy.quotas["provider:openai/gpt-4o"],
+            Quota {
+                rpm: Some(10),
+                tpm: Some(5000)
+            }
+        );
     }
 
     #[test]
@@ -773,6 +796,26 @@ mod tests {
             (
                 "pricing_file = \"/nonexistent/prices.json\"".to_owned(),
                 "pricing_file",
+            ),
+            (
+                model(
+                    "input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\nmax_output_tokens = 5\nrpm = 0\n",
+                ),
+                "models[0].rpm",
+            ),
+            (
+                model(
+                    "input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\nmax_output_tokens = 5\ncache_write_usd_per_mtok = -2.0\n",
+                ),
+                "models[0].cache_write_usd_per_mtok",
+            ),
+            (
+                // Two names for one upstream model with different quotas.
+                format!(
+                    "{PROVIDER}[[models]]\nname = \"a\"\nprovider = \"openai\"\nupstream_name = \"gpt-4o\"\nrpm = 10\n\
+                     [[models]]\nname = \"b\"\nprovider = \"openai\"\nupstream_name = \"gpt-4o\"\nrpm = 20\n"
+                ),
+                "models[1].rpm",
             ),
         ] {
             let e = parse(&text).unwrap_err();
