@@ -115,11 +115,9 @@ impl Counter {
             return 0;
         }
         match self {
-            Counter::Exact(bpe) => bpe.encode_with_special_tokens(s).len() as u64,
+            Counter::Exact(bpe) => cached_count(bpe, s),
             Counter::Claude => {
-                let cl = tiktoken_rs::cl100k_base_singleton()
-                    .encode_with_special_tokens(s)
-                    .len() as u64;
+                let cl = cached_count(tiktoken_rs::cl100k_base_singleton(), s);
                 half_bytes(s).max((cl * 7).div_ceil(4))
             }
             Counter::Bytes => half_bytes(s),
@@ -135,6 +133,45 @@ impl Counter {
             Value::Null | Value::Bool(_) | Value::Number(_) => 1,
         }
     }
+}
+
+/// Token counts of texts seen recently, by (encoding, text) hash: agents
+/// resend their system prompt and history every turn, so most texts are
+/// counted once. Bounded: emptied when it reaches [`COUNT_CACHE_ENTRIES`].
+/// A 64-bit hash collision could only mis-size a hold, never a charge.
+static COUNT_CACHE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u64, u64>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Entries the count cache holds at most (about 2 MB).
+pub const COUNT_CACHE_ENTRIES: usize = 65_536;
+
+/// Texts longer than this are counted each time (hashing them is no longer
+/// cheap next to counting, and they are rarely repeated verbatim).
+const COUNT_CACHE_MAX_TEXT: usize = 1 << 20;
+
+fn cached_count(bpe: &'static tiktoken_rs::CoreBPE, s: &str) -> u64 {
+    use std::hash::BuildHasher;
+    if s.len() > COUNT_CACHE_MAX_TEXT {
+        return bpe.encode_with_special_tokens(s).len() as u64;
+    }
+    static SEED: std::sync::LazyLock<foldhash::quality::RandomState> =
+        std::sync::LazyLock::new(Default::default);
+    let key = SEED.hash_one((std::ptr::from_ref(bpe) as usize, s));
+    let lock = || {
+        COUNT_CACHE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if let Some(n) = lock().get(&key) {
+        return *n;
+    }
+    let n = bpe.encode_with_special_tokens(s).len() as u64;
+    let mut cache = lock();
+    if cache.len() >= COUNT_CACHE_ENTRIES {
+        cache.clear();
+    }
+    cache.insert(key, n);
+    n
 }
 
 /// `data:` URLs and other opaque payloads are estimated by size, never tokenized.
@@ -347,6 +384,33 @@ mod tests {
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
         ]}]});
         assert_eq!(openai_chat("gpt-4o", &parts), 10 + OPENAI_IMAGE_TOKENS);
+    }
+
+    #[test]
+    fn cached_counts_are_the_counts() {
+        let bpe = tiktoken_rs::o200k_base_singleton();
+        for text in [
+            "Say hello.",
+            "Say hello!",
+            "日本語",
+            "a",
+            &"x y ".repeat(500),
+        ] {
+            let exact = bpe.encode_with_special_tokens(text).len() as u64;
+            assert_eq!(cached_count(bpe, text), exact, "{text}");
+            assert_eq!(cached_count(bpe, text), exact, "{text} (cached)");
+        }
+        // The same text under another encoding is its own entry.
+        let cl = tiktoken_rs::cl100k_base_singleton();
+        let t = "ü🦀 tokenizers differ on this";
+        assert_eq!(
+            cached_count(cl, t),
+            cl.encode_with_special_tokens(t).len() as u64
+        );
+        assert_eq!(
+            cached_count(bpe, t),
+            bpe.encode_with_special_tokens(t).len() as u64
+        );
     }
 
     #[test]

@@ -304,7 +304,7 @@ fn settle_now(
     st: &AppState,
     id: sluice_core::ReservationId,
     actual: Option<Amounts>,
-    detail: &Value,
+    detail: &impl serde::Serialize,
     request_id: Option<String>,
 ) -> Option<LedgerRow> {
     let public = st.reservations.public_id(id);
@@ -331,7 +331,7 @@ fn settle_now(
         reserved_ns: Some(meta.reserved_ns),
         caller: meta.caller,
         request_id,
-        detail: Some(detail.to_string()),
+        detail: serde_json::to_string(detail).ok(),
     })
 }
 
@@ -340,7 +340,7 @@ async fn finish(
     st: &AppState,
     id: sluice_core::ReservationId,
     actual: Option<Amounts>,
-    detail: Value,
+    detail: impl serde::Serialize,
     request_id: Option<String>,
 ) {
     if let Some(row) = settle_now(st, id, actual, &detail, request_id) {
@@ -967,6 +967,18 @@ impl Drop for Abandoned {
     }
 }
 
+/// A settled call's ledger detail (serialized straight from the struct: it is on every call).
+#[derive(serde::Serialize)]
+struct AnswerDetail<'a> {
+    model: &'a str,
+    upstream_model: &'a str,
+    status: u16,
+    latency_ms: u64,
+    usage_reported: bool,
+    endpoint: &'a str,
+    cached_input_tokens: Option<u64>,
+}
+
 /// Pass an upstream answer on and settle its reservation.
 async fn answer(
     endpoint: Endpoint,
@@ -1026,9 +1038,15 @@ async fn answer(
     };
     let latency_ms = st.now().as_nanos().saturating_sub(held.now.as_nanos()) / 1_000_000;
     let usage = usage_in(endpoint, &bytes);
-    let detail = json!({"model": model.name, "upstream_model": model.upstream_name, "status": status.as_u16(),
-        "latency_ms": latency_ms, "usage_reported": usage.is_some(), "endpoint": endpoint.path(),
-        "cached_input_tokens": usage.map(|u| u.cached_input)});
+    let detail = AnswerDetail {
+        model: &model.name,
+        upstream_model: &model.upstream_name,
+        status: status.as_u16(),
+        latency_ms,
+        usage_reported: usage.is_some(),
+        endpoint: endpoint.path(),
+        cached_input_tokens: usage.map(|u| u.cached_input),
+    };
     if status.is_success() {
         let actual = usage.map_or(held.amounts, |u| amounts(model, u));
         finish(st, held.id, Some(actual), detail, request_id).await;
