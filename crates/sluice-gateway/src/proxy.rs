@@ -109,7 +109,7 @@ impl Endpoint {
     }
 
     /// Its path under the provider's base URL.
-    fn path(self) -> &'static str {
+    const fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "chat/completions",
             Endpoint::Completions => "completions",
@@ -127,13 +127,16 @@ impl Endpoint {
 
 /// Every upstream path the proxy calls.
 const UPSTREAM_PATHS: [&str; 6] = [
-    "chat/completions",
-    "completions",
-    "embeddings",
-    "responses",
-    "messages",
-    "messages/count_tokens",
+    Endpoint::Chat.path(),
+    Endpoint::Completions.path(),
+    Endpoint::Embeddings.path(),
+    Endpoint::Responses.path(),
+    Endpoint::Messages.path(),
+    COUNT_TOKENS_PATH,
 ];
+
+/// Anthropic's token counting, under the provider's base URL (forwarded, not an [`Endpoint`]: nothing is reserved).
+const COUNT_TOKENS_PATH: &str = "messages/count_tokens";
 
 /// Each provider's endpoint URLs, parsed once at start.
 pub fn upstream_urls(
@@ -787,15 +790,7 @@ pub async fn anthropic_count_tokens(
     };
     req["model"] = Value::from(model.upstream_name.clone());
     let bytes = Bytes::from(req.to_string());
-    match call_upstream(
-        &st,
-        model.provider,
-        "messages/count_tokens",
-        bytes,
-        &headers,
-    )
-    .await
-    {
+    match call_upstream(&st, model.provider, COUNT_TOKENS_PATH, bytes, &headers).await {
         Upstream::Answer(resp) => {
             let status =
                 StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -256,6 +256,11 @@ fn error_response(script: &Script, wire: &str) -> Option<Response> {
     Some(r)
 }
 
+/// One named server-sent event.
+fn ev(name: &str, data: Value) -> String {
+    format!("event: {name}\ndata: {data}\n\n")
+}
+
 /// Server-sent events, each after `delay`; `cut` stops the stream with an error after that many events.
 fn sse(events: Vec<String>, delay: Duration, cut: Option<usize>) -> Response {
     // State: the events left, how many were sent, whether the stream has ended.
@@ -372,7 +377,6 @@ async fn anthropic_messages(State(inner): Shared, headers: HeaderMap, body: Byte
         _ => None,
     };
     if req["stream"].as_bool() == Some(true) {
-        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
         let mut events = vec![
             ev(
                 "message_start",
@@ -523,7 +527,6 @@ async fn openai_responses(State(inner): Shared, headers: HeaderMap, body: Bytes)
         r
     };
     if req["stream"].as_bool() == Some(true) {
-        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
         let mut seq = 0u64;
         let mut next = || {
             seq += 1;
