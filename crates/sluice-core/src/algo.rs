@@ -9,7 +9,7 @@ mod fixed;
 mod gcra;
 mod sliding;
 
-pub(crate) use fixed::FixedState;
+pub(crate) use fixed::{FixedState, window_end};
 pub(crate) use gcra::GcraState;
 pub(crate) use sliding::SlidingState;
 

@@ -32,6 +32,8 @@
 //! ```
 
 mod algo;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod decision;
 mod limiter;
 mod memory;
@@ -46,14 +48,14 @@ pub use decision::{
     Decision, Denial, DenialReason, ExpiredReservation, HeldAmount, LimitStatus, Overshoot,
     Request, Reservation, ReservationError, ReservationId, Settlement, Statuses,
 };
-pub use limiter::{Limiter, LimiterConfig};
+pub use limiter::{Limiter, LimiterConfig, Plan, PolicyTable};
 pub use memory::{MemoryStore, STATE_SHARDS};
 pub use metric::{
     Amounts, MICROS_PER_USD, Metric, UnknownMetric, UsdError, micros_to_usd, usd_to_micros,
 };
 pub use policy::{
     AlgorithmKind, DEFAULT_SLIDING_BUCKETS, Limit, LimitDef, MAX_LIMIT, MAX_LIMITS_PER_POLICY,
-    MAX_SLIDING_BUCKETS, Policy, PolicyDef, PolicyError,
+    MAX_SLIDING_BUCKETS, Policy, PolicyDef, PolicyError, Shape,
 };
 pub use store::{
     Acquired, Admit, Hold, Level, LimitKey, PlanSubject, PlannedLimit, Refusal, Store,

@@ -57,7 +57,7 @@ impl Hasher for SubjectHasher {
 #[derive(Debug)]
 struct Resolved {
     policy: Arc<Policy>,
-    planned: Vec<PlannedLimit>,
+    planned: Arc<[PlannedLimit]>,
 }
 
 #[derive(Debug, Default)]
@@ -78,50 +78,50 @@ impl Policies {
     }
 }
 
-/// The limit engine: decides requests against every subject's policy.
-///
-/// Generic over where time comes from and where state lives; the defaults are
-/// the system clock and the in-memory store.
-#[derive(Debug)]
-pub struct Limiter<C = SystemClock, S = MemoryStore> {
-    clock: C,
-    store: S,
-    config: LimiterConfig,
+/// Every subject's policy, and the tiers (`user:*`) that apply to subjects
+/// without one: what turns a [`Request`] into a plan for a [`Store`].
+/// The [`Limiter`] holds one; a limiter over an asynchronous store (Redis)
+/// holds one too and plans with [`PolicyTable::plan`].
+#[derive(Debug, Default)]
+pub struct PolicyTable {
     policies: RwLock<Policies>,
 }
 
-impl Limiter {
-    /// An in-memory limiter on the system clock.
-    pub fn in_memory() -> Limiter {
-        Limiter::new(SystemClock, MemoryStore::new(), LimiterConfig::default())
+/// One subject of a [`Plan`]: the subject, its index in the request, its limits.
+type PlannedSubject = (Subject, usize, Arc<[PlannedLimit]>);
+
+/// A request resolved against the policies, owning what it needs (no lock
+/// is held): each subject that has limits, with them.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    subjects: SmallVec<[PlannedSubject; 4]>,
+}
+
+impl Plan {
+    /// The plan as a store sees it.
+    pub fn subjects(&self) -> SmallVec<[PlanSubject<'_>; 4]> {
+        self.subjects
+            .iter()
+            .map(|(subject, index, limits)| PlanSubject {
+                subject,
+                index: *index,
+                limits,
+            })
+            .collect()
+    }
+
+    /// The statuses of a store's levels (in plan order).
+    pub fn statuses(&self, levels: &[Level]) -> Statuses {
+        statuses(&self.subjects(), levels)
+    }
+
+    /// The denial of a store's refusal, with the wait measured from `now` (ns).
+    pub fn denial(&self, refusal: Refusal, amounts: &Amounts, now: u64) -> Denial {
+        denial(&self.subjects(), refusal, amounts, now)
     }
 }
 
-struct Plan<'a> {
-    subjects: SmallVec<[PlanSubject<'a>; 4]>,
-}
-
-impl<C: Clock, S: Store> Limiter<C, S> {
-    /// A limiter with this clock, store and settings.
-    pub fn new(clock: C, store: S, config: LimiterConfig) -> Limiter<C, S> {
-        Limiter {
-            clock,
-            store,
-            config,
-            policies: RwLock::default(),
-        }
-    }
-
-    /// The store.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
-    /// The clock.
-    pub fn clock(&self) -> &C {
-        &self.clock
-    }
-
+impl PolicyTable {
     fn read(&self) -> RwLockReadGuard<'_, Policies> {
         self.policies
             .read()
@@ -220,8 +220,24 @@ impl<C: Clock, S: Store> Limiter<C, S> {
         all
     }
 
-    fn plan<'a>(table: &'a Policies, request: &'a Request) -> Plan<'a> {
-        let mut subjects: SmallVec<[PlanSubject<'a>; 4]> = SmallVec::new();
+    /// Resolve a request: each distinct subject with a policy, with its limits.
+    pub fn plan(&self, request: &Request) -> Plan {
+        let table = self.read();
+        let mut subjects: SmallVec<[PlannedSubject; 4]> = SmallVec::new();
+        for (index, subject) in request.subjects.iter().enumerate() {
+            if request.subjects[..index].contains(subject) {
+                continue;
+            }
+            if let Some(resolved) = table.resolve(subject) {
+                subjects.push((subject.clone(), index, Arc::clone(&resolved.planned)));
+            }
+        }
+        Plan { subjects }
+    }
+
+    fn with_plan<R>(&self, request: &Request, f: impl FnOnce(&[PlanSubject<'_>]) -> R) -> R {
+        let table = self.read();
+        let mut subjects: SmallVec<[PlanSubject<'_>; 4]> = SmallVec::new();
         for (index, subject) in request.subjects.iter().enumerate() {
             if request.subjects[..index].contains(subject) {
                 continue;
@@ -234,62 +250,130 @@ impl<C: Clock, S: Store> Limiter<C, S> {
                 });
             }
         }
-        Plan { subjects }
+        f(&subjects)
+    }
+}
+
+fn statuses(plan: &[PlanSubject<'_>], levels: &[Level]) -> Statuses {
+    let mut out = Statuses::with_capacity(levels.len());
+    let mut levels = levels.iter();
+    for p in plan {
+        for (pl, level) in p.limits.iter().zip(levels.by_ref()) {
+            out.push(LimitStatus {
+                subject: p.index,
+                metric: pl.limit.metric(),
+                window: pl.limit.window(),
+                algorithm: pl.limit.algorithm(),
+                limit: pl.limit.limit(),
+                used: level.used,
+                remaining: level.remaining,
+                reset_at: Timestamp::from_nanos(level.reset_at),
+            });
+        }
+    }
+    out
+}
+
+fn denial(plan: &[PlanSubject<'_>], refusal: Refusal, amounts: &Amounts, now: u64) -> Denial {
+    let p = &plan[refusal.plan_subject];
+    let limit = &p.limits[refusal.limit].limit;
+    let reason = match refusal.admit {
+        Admit::At(t) => {
+            DenialReason::RetryAfter(Duration::from_nanos(t.saturating_sub(now).max(1)))
+        }
+        Admit::Now | Admit::Never => DenialReason::NeverFits {
+            requested: amounts.get(limit.metric()),
+            capacity: limit.capacity(),
+        },
+    };
+    Denial {
+        subject: p.index,
+        metric: limit.metric(),
+        window: limit.window(),
+        limit: limit.limit(),
+        reason,
+    }
+}
+
+/// The limit engine: decides requests against every subject's policy.
+///
+/// Generic over where time comes from and where state lives; the defaults are
+/// the system clock and the in-memory store.
+#[derive(Debug)]
+pub struct Limiter<C = SystemClock, S = MemoryStore> {
+    clock: C,
+    store: S,
+    config: LimiterConfig,
+    table: PolicyTable,
+}
+
+impl Limiter {
+    /// An in-memory limiter on the system clock.
+    pub fn in_memory() -> Limiter {
+        Limiter::new(SystemClock, MemoryStore::new(), LimiterConfig::default())
+    }
+}
+
+impl<C: Clock, S: Store> Limiter<C, S> {
+    /// A limiter with this clock, store and settings.
+    pub fn new(clock: C, store: S, config: LimiterConfig) -> Limiter<C, S> {
+        Limiter {
+            clock,
+            store,
+            config,
+            table: PolicyTable::default(),
+        }
     }
 
-    fn statuses(plan: &Plan<'_>, levels: &[Level]) -> Statuses {
-        let mut out = Statuses::with_capacity(levels.len());
-        let mut levels = levels.iter();
-        for p in &plan.subjects {
-            for (pl, level) in p.limits.iter().zip(levels.by_ref()) {
-                out.push(LimitStatus {
-                    subject: p.index,
-                    metric: pl.limit.metric(),
-                    window: pl.limit.window(),
-                    algorithm: pl.limit.algorithm(),
-                    limit: pl.limit.limit(),
-                    used: level.used,
-                    remaining: level.remaining,
-                    reset_at: Timestamp::from_nanos(level.reset_at),
-                });
-            }
-        }
-        out
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
-    fn denial(plan: &Plan<'_>, refusal: Refusal, amounts: &Amounts, now: u64) -> Denial {
-        let p = &plan.subjects[refusal.plan_subject];
-        let limit = &p.limits[refusal.limit].limit;
-        let reason = match refusal.admit {
-            Admit::At(t) => {
-                DenialReason::RetryAfter(Duration::from_nanos(t.saturating_sub(now).max(1)))
-            }
-            Admit::Now | Admit::Never => DenialReason::NeverFits {
-                requested: amounts.get(limit.metric()),
-                capacity: limit.capacity(),
-            },
-        };
-        Denial {
-            subject: p.index,
-            metric: limit.metric(),
-            window: limit.window(),
-            limit: limit.limit(),
-            reason,
-        }
+    /// The clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    /// The policies.
+    pub fn table(&self) -> &PolicyTable {
+        &self.table
+    }
+
+    /// Set (or replace) a subject's policy; see [`PolicyTable::set_policy`].
+    pub fn set_policy(&self, subject: &Subject, policy: Policy) -> Option<Arc<Policy>> {
+        self.table.set_policy(subject, policy)
+    }
+
+    /// Remove a subject's own policy (or a tier). Its counters stay until idle.
+    pub fn remove_policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
+        self.table.remove_policy(subject)
+    }
+
+    /// The subject's own policy (or the tier's, for a wildcard subject).
+    pub fn policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
+        self.table.policy(subject)
+    }
+
+    /// The policy that applies to a subject: its own, else its kind's tier.
+    pub fn effective_policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
+        self.table.effective_policy(subject)
+    }
+
+    /// Every policy, tiers included, sorted by subject.
+    pub fn policies(&self) -> Vec<(Subject, Arc<Policy>)> {
+        self.table.policies()
     }
 
     /// Decide and, if allowed, take the amounts at once (reserve + commit).
     pub fn check(&self, request: &Request) -> Decision {
-        let table = self.read();
-        let plan = Self::plan(&table, request);
-        let now = self.clock.now().as_nanos();
-        match self
-            .store
-            .acquire(now, &plan.subjects, &request.amounts, Hold::Spend)
-        {
-            Ok(acquired) => Decision::Allowed(Self::statuses(&plan, &acquired.levels)),
-            Err(refusal) => Decision::Denied(Self::denial(&plan, refusal, &request.amounts, now)),
-        }
+        self.table.with_plan(request, |plan| {
+            let now = self.clock.now().as_nanos();
+            match self.store.acquire(now, plan, &request.amounts, Hold::Spend) {
+                Ok(acquired) => Decision::Allowed(statuses(plan, &acquired.levels)),
+                Err(refusal) => Decision::Denied(denial(plan, refusal, &request.amounts, now)),
+            }
+        })
     }
 
     /// Take the amounts at instant `at` without deciding: every limit is
@@ -297,26 +381,26 @@ impl<C: Clock, S: Store> Limiter<C, S> {
     /// (in time order) and for letting a request through on purpose.
     /// Returns the statuses after the charge.
     pub fn charge_at(&self, request: &Request, at: Timestamp) -> Statuses {
-        let table = self.read();
-        let plan = Self::plan(&table, request);
-        match self
-            .store
-            .acquire(at.as_nanos(), &plan.subjects, &request.amounts, Hold::Force)
-        {
-            Ok(acquired) => Self::statuses(&plan, &acquired.levels),
-            Err(_) => Statuses::new(), // a forced charge is never refused
-        }
+        self.table.with_plan(request, |plan| {
+            match self
+                .store
+                .acquire(at.as_nanos(), plan, &request.amounts, Hold::Force)
+            {
+                Ok(acquired) => statuses(plan, &acquired.levels),
+                Err(_) => Statuses::new(), // a forced charge is never refused
+            }
+        })
     }
 
     /// Decide without taking anything.
     pub fn peek(&self, request: &Request) -> Decision {
-        let table = self.read();
-        let plan = Self::plan(&table, request);
-        let now = self.clock.now().as_nanos();
-        match self.store.peek(now, &plan.subjects, &request.amounts) {
-            Ok(levels) => Decision::Allowed(Self::statuses(&plan, &levels)),
-            Err(refusal) => Decision::Denied(Self::denial(&plan, refusal, &request.amounts, now)),
-        }
+        self.table.with_plan(request, |plan| {
+            let now = self.clock.now().as_nanos();
+            match self.store.peek(now, plan, &request.amounts) {
+                Ok(levels) => Decision::Allowed(statuses(plan, &levels)),
+                Err(refusal) => Decision::Denied(denial(plan, refusal, &request.amounts, now)),
+            }
+        })
     }
 
     /// Hold the amounts until [`commit`](Self::commit), [`release`](Self::release)
@@ -331,23 +415,21 @@ impl<C: Clock, S: Store> Limiter<C, S> {
             .unwrap_or(self.config.default_lease)
             .min(self.config.max_lease)
             .max(Duration::from_nanos(1));
-        let table = self.read();
-        let plan = Self::plan(&table, request);
-        let now = self.clock.now().as_nanos();
-        let expires_at = now.saturating_add(duration_nanos(lease));
-        match self.store.acquire(
-            now,
-            &plan.subjects,
-            &request.amounts,
-            Hold::Lease { expires_at },
-        ) {
-            Ok(acquired) => Ok(Reservation {
-                id: acquired.reservation.unwrap_or(ReservationId(0)),
-                expires_at: Timestamp::from_nanos(expires_at),
-                limits: Self::statuses(&plan, &acquired.levels),
-            }),
-            Err(refusal) => Err(Self::denial(&plan, refusal, &request.amounts, now)),
-        }
+        self.table.with_plan(request, |plan| {
+            let now = self.clock.now().as_nanos();
+            let expires_at = now.saturating_add(duration_nanos(lease));
+            match self
+                .store
+                .acquire(now, plan, &request.amounts, Hold::Lease { expires_at })
+            {
+                Ok(acquired) => Ok(Reservation {
+                    id: acquired.reservation.unwrap_or(ReservationId(0)),
+                    expires_at: Timestamp::from_nanos(expires_at),
+                    limits: statuses(plan, &acquired.levels),
+                }),
+                Err(refusal) => Err(denial(plan, refusal, &request.amounts, now)),
+            }
+        })
     }
 
     /// Settle a reservation at the actual amounts: less than held is refunded,

@@ -173,6 +173,30 @@ pub struct Limit {
     algorithm: AlgorithmKind,
     pub(crate) params: Params,
     pub(crate) identity: StateIdentity,
+    /// The identity as a stable string, for stores shared between processes.
+    state_name: Arc<str>,
+}
+
+/// A limit's algorithm and the parameters it runs on, for stores that
+/// implement the algorithms themselves (times in ns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Rolling window `window` cut into sub-windows of `granularity`, epoch-aligned.
+    Sliding {
+        /// W.
+        window: u64,
+        /// Sub-window length, ⌈W / buckets⌉.
+        granularity: u64,
+    },
+    /// Rate `limit` per `window`, bucket depth `burst`.
+    Gcra {
+        /// W.
+        window: u64,
+        /// Most a request may take at once.
+        burst: u64,
+    },
+    /// Fixed windows: see [`Limit::fixed_window_end`].
+    Fixed,
 }
 
 impl Limit {
@@ -199,6 +223,34 @@ impl Limit {
             _ => self.limit,
         }
     }
+    /// The algorithm's parameters.
+    pub fn shape(&self) -> Shape {
+        match self.params {
+            Params::Sliding {
+                window,
+                granularity,
+            } => Shape::Sliding {
+                window,
+                granularity,
+            },
+            Params::Gcra { window, burst } => Shape::Gcra { window, burst },
+            Params::FixedRolling { .. } | Params::FixedCalendar { .. } => Shape::Fixed,
+        }
+    }
+
+    /// For a `fixed` limit, the end (ns, exclusive) of the window that
+    /// contains instant `at` (calendar windows in the policy's zone).
+    pub fn fixed_window_end(&self, at: u64) -> u64 {
+        crate::algo::window_end(&self.params, at)
+    }
+
+    /// What identifies this limit's counter state (metric, window, algorithm
+    /// and shape, not the amount), as a string stable across processes and
+    /// versions: stores shared between replicas key state by it.
+    pub fn state_name(&self) -> &str {
+        &self.state_name
+    }
+
     /// The GCRA burst, if this is a GCRA limit.
     pub fn burst(&self) -> Option<u64> {
         match self.params {
@@ -303,6 +355,19 @@ impl Limit {
         } else {
             String::new()
         };
+        let window_ns = match window {
+            Window::Rolling(ns) => ns.to_string(),
+            Window::Calendar(unit) => unit.name().to_owned(),
+        };
+        let state_name: Arc<str> = format!(
+            "{}/{}/{}/{}/{}",
+            metric.name(),
+            algorithm.name(),
+            window_ns,
+            granularity,
+            zone
+        )
+        .into();
         Ok(Limit {
             metric,
             window,
@@ -316,6 +381,7 @@ impl Limit {
                 granularity,
                 zone,
             },
+            state_name,
         })
     }
 }

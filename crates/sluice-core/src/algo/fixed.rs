@@ -14,7 +14,7 @@ pub(crate) struct FixedState {
 }
 
 /// The end of the window containing `now`.
-fn window_end(params: &Params, now: u64) -> u64 {
+pub(crate) fn window_end(params: &Params, now: u64) -> u64 {
     match params {
         Params::FixedCalendar { unit, tz } => {
             calendar_bounds(*unit, tz, Timestamp::from_nanos(now)).1
