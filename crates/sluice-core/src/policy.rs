@@ -438,6 +438,31 @@ impl Policy {
         &self.limits
     }
 
+    /// The same policy with every limit (and GCRA burst) divided by `n`,
+    /// rounded down but at least 1: `n` replicas deciding alone with it admit
+    /// at most the original limit between them (unless a limit is below `n`).
+    /// State names are kept.
+    #[must_use]
+    pub fn divided(&self, n: u64) -> Policy {
+        let n = n.max(1);
+        let limits = self
+            .limits
+            .iter()
+            .map(|l| {
+                let mut l = Limit::clone(l);
+                l.limit = (l.limit / n).max(1);
+                if let Params::Gcra { burst, .. } = &mut l.params {
+                    *burst = (*burst / n).max(1);
+                }
+                Arc::new(l)
+            })
+            .collect();
+        Policy {
+            limits,
+            timezone: self.timezone.clone(),
+        }
+    }
+
     /// The IANA zone of calendar windows.
     pub fn timezone(&self) -> &str {
         &self.timezone

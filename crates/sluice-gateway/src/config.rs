@@ -72,6 +72,181 @@ pub struct FileConfig {
     pub upstream_attempts: Option<u32>,
     /// Base of the exponential back-off between attempts, in ms (default 250).
     pub upstream_backoff_ms: Option<u64>,
+    /// Where limit state lives: `[store]`.
+    #[serde(default)]
+    pub store: StoreDef,
+    /// Where durable state lives: `[database]`.
+    #[serde(default)]
+    pub database: DatabaseDef,
+}
+
+/// `[store]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreDef {
+    /// `"memory"` (default) or `"redis"`.
+    pub kind: Option<String>,
+    /// `redis://` or `rediss://` URL (`SLUICE_REDIS_URL`).
+    pub url: Option<String>,
+    /// Prefix of every key (default `"sluice:"`).
+    pub key_prefix: Option<String>,
+    /// `"deny"` (default), `"allow"` or `"local"`.
+    pub on_store_error: Option<String>,
+    /// A Redis call slower than this fails, in ms (default 250).
+    pub timeout_ms: Option<u64>,
+    /// Replicas sharing the store: `local` mode divides each limit by it (default 1).
+    pub replicas: Option<u32>,
+}
+
+/// `[database]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseDef {
+    /// `postgres://...` (`SLUICE_DATABASE_URL`); default: SQLite in the data directory.
+    pub url: Option<String>,
+}
+
+/// What the gateway does when the shared store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Refuse with 503 (fail closed).
+    Deny,
+    /// Let requests through (their spend still reaches the ledger).
+    Allow,
+    /// Decide on this replica alone, each limit divided by the replica count.
+    Local,
+}
+
+/// Checked `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process.
+    Memory,
+    /// In Redis.
+    Redis {
+        /// URL.
+        url: String,
+        /// Key prefix.
+        key_prefix: String,
+        /// On failure.
+        on_error: OnStoreError,
+        /// Call timeout.
+        timeout: Duration,
+        /// Replicas (for `local`).
+        replicas: u32,
+    },
+}
+
+fn resolve_store(
+    def: &StoreDef,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<StoreConfig, ConfigError> {
+    let kind = def.kind.as_deref().unwrap_or("memory");
+    match kind {
+        "memory" => Ok(StoreConfig::Memory),
+        "redis" => {
+            let url = env("SLUICE_REDIS_URL")
+                .or_else(|| def.url.clone())
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "store.url",
+                        "kind = \"redis\" needs a url (or SLUICE_REDIS_URL)",
+                    )
+                })?;
+            if !(url.starts_with("redis://") || url.starts_with("valkey://")) {
+                return Err(ConfigError::new(
+                    "store.url",
+                    format!(
+                        "expected a redis:// URL, got {:?} (rediss:// and cluster node lists are not supported yet)",
+                        redact(&url)
+                    ),
+                ));
+            }
+            let key_prefix = def
+                .key_prefix
+                .clone()
+                .unwrap_or_else(|| "sluice:".to_owned());
+            if key_prefix.len() > 64
+                || key_prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '{' || c == '}')
+            {
+                return Err(ConfigError::new(
+                    "store.key_prefix",
+                    "must be at most 64 characters, without spaces or braces",
+                ));
+            }
+            let on_error = match def.on_store_error.as_deref() {
+                None | Some("deny") => OnStoreError::Deny,
+                Some("allow") => OnStoreError::Allow,
+                Some("local") => OnStoreError::Local,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "store.on_store_error",
+                        format!("expected \"deny\", \"allow\" or \"local\", got {other:?}"),
+                    ));
+                }
+            };
+            let timeout_ms = def.timeout_ms.unwrap_or(250);
+            if !(1..=60_000).contains(&timeout_ms) {
+                return Err(ConfigError::new(
+                    "store.timeout_ms",
+                    format!("must be 1 to 60000, got {timeout_ms}"),
+                ));
+            }
+            let replicas = def.replicas.unwrap_or(1);
+            if !(1..=1_000).contains(&replicas) {
+                return Err(ConfigError::new(
+                    "store.replicas",
+                    format!("must be 1 to 1000, got {replicas}"),
+                ));
+            }
+            Ok(StoreConfig::Redis {
+                url,
+                key_prefix,
+                on_error,
+                timeout: Duration::from_millis(timeout_ms),
+                replicas,
+            })
+        }
+        other => Err(ConfigError::new(
+            "store.kind",
+            format!("expected \"memory\" or \"redis\", got {other:?}"),
+        )),
+    }
+}
+
+/// A URL with its password (if any) replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn resolve_database(
+    def: &DatabaseDef,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match env("SLUICE_DATABASE_URL").or_else(|| def.url.clone()) {
+        None => Ok(None),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Some(url))
+        }
+        Some(url) => Err(ConfigError::new(
+            "database.url",
+            format!(
+                "expected a postgres:// URL (the default database is SQLite in the data directory), got {:?}",
+                redact(&url)
+            ),
+        )),
+    }
 }
 
 /// `[[providers]]` as written.
@@ -494,6 +669,10 @@ pub struct Config {
     pub lease_check: Duration,
     /// LLM providers and models.
     pub proxy: Proxy,
+    /// Where limit state lives.
+    pub store: StoreConfig,
+    /// PostgreSQL URL; `None`: SQLite in the data directory.
+    pub database_url: Option<String>,
 }
 
 impl Default for Config {
@@ -510,6 +689,8 @@ impl Default for Config {
             max_lease: Duration::from_secs(3600),
             lease_check: Duration::from_secs(1),
             proxy: Proxy::default(),
+            store: StoreConfig::Memory,
+            database_url: None,
         })
     }
 }
@@ -629,6 +810,9 @@ impl Config {
             }
             None => format!("http://{listen}"),
         };
+        let env = |k: &str| over.env.get(k).filter(|v| !v.is_empty()).cloned();
+        let store = resolve_store(&file.store, &env)?;
+        let database_url = resolve_database(&file.database, &env)?;
         let admin_key = over.admin_key;
         if let Some(k) = &admin_key {
             if k.len() < 16 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -649,6 +833,8 @@ impl Config {
             max_lease,
             lease_check: Duration::from_millis(lease_check_ms),
             proxy,
+            store,
+            database_url,
         })
     }
 

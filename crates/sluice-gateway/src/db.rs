@@ -233,7 +233,8 @@ pub fn amounts_text(a: &Amounts) -> String {
         .join(",")
 }
 
-fn parse_amounts_text(s: &str) -> Option<Amounts> {
+/// Parse `"r,t,ti,to,c"`.
+pub fn parse_amounts_text(s: &str) -> Option<Amounts> {
     let mut out = Amounts::ZERO;
     let mut parts = s.split(',');
     for m in Metric::ALL {

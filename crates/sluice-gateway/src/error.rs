@@ -42,6 +42,13 @@ impl ApiError {
         self
     }
 
+    /// With one more header.
+    #[must_use]
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
     /// With one more member in the error object.
     #[must_use]
     pub fn with(mut self, key: &str, value: Value) -> ApiError {
@@ -87,6 +94,17 @@ impl ApiError {
             "internal",
             format!("internal error while {context}; see the server log"),
         )
+    }
+}
+
+impl From<crate::engine::Unavailable> for ApiError {
+    fn from(e: crate::engine::Unavailable) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{e}; retry shortly"),
+        )
+        .with_header(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 }
 

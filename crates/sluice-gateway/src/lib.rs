@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod engine;
 pub mod error;
 pub mod estimate;
 pub mod idempotency;

@@ -22,11 +22,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use sluice_core::{Amounts, DenialReason, Request, ReservationError, Subject};
+use sluice_core::{Amounts, DenialReason, Request, Subject};
 
 use crate::auth::Caller;
 use crate::config::{Model, Wire};
 use crate::db::{LedgerRow, RowKind};
+use crate::engine::{Settle, Unavailable};
 use crate::pricing::TokenUsage;
 use crate::ratelimit;
 use crate::reservations::Meta;
@@ -82,6 +83,21 @@ fn wire_error(
                 .into_response()
         }
     }
+}
+
+/// The shared limit store failed and `on_store_error = "deny"`: 503 in the
+/// wire's shape (the SDKs retry it after the Retry-After).
+fn unavailable(wire: Wire, e: &Unavailable) -> Response {
+    let mut r = wire_error(
+        wire,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "api_error",
+        "store_unavailable",
+        format!("{e}; retry shortly"),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// A proxied route.
@@ -300,29 +316,22 @@ fn amounts(model: &Model, usage: TokenUsage) -> Amounts {
         .with_cost_micros(model.price.cost_micros(usage))
 }
 
-/// Settle a proxied reservation in the engine at once and return its ledger
-/// row: `Some(actual)` commits, `None` releases. `None` if the lease already
-/// ran out and the expiry task recorded it.
-fn settle_now(
+/// The ledger row of a proxied reservation's settle outcome: `Some(actual)`
+/// committed, `None` released; `None` if the lease had already run out and
+/// the expiry pass recorded it.
+fn settle_row(
     st: &AppState,
-    id: sluice_core::ReservationId,
+    public: String,
+    outcome: Settle,
     actual: Option<Amounts>,
-    detail: &impl serde::Serialize,
+    detail: Option<String>,
     request_id: Option<String>,
 ) -> Option<LedgerRow> {
-    let public = st.reservations.public_id(id);
-    let meta = st.reservations.take(id)?;
-    let outcome = match actual {
-        Some(a) => st.limiter.commit(id, &a).map(|_| ()),
-        None => st.limiter.release(id),
-    };
-    let (kind, amounts) = match (outcome, actual) {
-        (Ok(()), Some(a)) => (RowKind::Commit, a),
-        (Ok(()), None) => (RowKind::Release, Amounts::ZERO),
-        (Err(ReservationError::Expired(_) | ReservationError::Unknown(_)), _) => {
-            st.reservations.mark_expired(public.clone());
-            (RowKind::Expire, meta.held)
-        }
+    let (kind, amounts, meta) = match (outcome, actual) {
+        (Settle::Done { meta, .. }, Some(a)) => (RowKind::Commit, a, meta),
+        (Settle::Done { meta, .. }, None) => (RowKind::Release, Amounts::ZERO, meta),
+        (Settle::Expired(Some(meta)), _) => (RowKind::Expire, meta.held, meta),
+        (Settle::Expired(None) | Settle::Unknown | Settle::Forbidden, _) => return None,
     };
     Some(LedgerRow {
         ts_ns: st.now().as_nanos(),
@@ -334,21 +343,83 @@ fn settle_now(
         reserved_ns: Some(meta.reserved_ns),
         caller: meta.caller,
         request_id,
-        detail: serde_json::to_string(detail).ok(),
+        detail,
     })
+}
+
+/// Settle a proxied reservation and record it. If the shared store does not
+/// answer, retry with back-off for as long as the lease lasts; past it, the
+/// lease has run out in the store and the expiry pass records it at its held
+/// amounts (never less than was spent).
+async fn settle_record(
+    st: &AppState,
+    public: String,
+    actual: Option<Amounts>,
+    detail: Option<String>,
+    request_id: Option<String>,
+) {
+    let mut wait = Duration::from_millis(100);
+    let mut waited = Duration::ZERO;
+    let outcome = loop {
+        match st.engine.settle(&public, None, actual).await {
+            Ok(o) => break o,
+            Err(e) if waited < proxy_lease(st) => {
+                tracing::debug!("settling {public}: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                waited += wait;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(
+                    "settling {public}: {e}; given up, its lease settles it at the held amounts"
+                );
+                return;
+            }
+        }
+    };
+    if let Some(row) = settle_row(st, public, outcome, actual, detail, request_id) {
+        st.ledger.record(vec![row], None).await;
+    }
+}
+
+/// Settle from a `Drop` (which cannot wait): in memory at once, the ledger
+/// row queued from a task; through Redis from a task.
+fn settle_soon(
+    st: &Arc<AppState>,
+    public: String,
+    actual: Option<Amounts>,
+    detail: Option<String>,
+    request_id: Option<String>,
+) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        tracing::error!("no runtime to settle {public}; its lease will settle it at the held amounts");
+        return;
+    };
+    let st = Arc::clone(st);
+    if let Some(outcome) = st.engine.settle_in_process(&public, actual) {
+        if let Some(row) = settle_row(&st, public, outcome, actual, detail, request_id) {
+            rt.spawn(async move { st.ledger.record(vec![row], None).await });
+        }
+        return;
+    }
+    rt.spawn(async move { settle_record(&st, public, actual, detail, request_id).await });
+}
+
+/// Every attempt and back-off fits in a proxied reservation's lease, with a minute to spare.
+fn proxy_lease(st: &AppState) -> Duration {
+    st.config.proxy.timeout * 2 + Duration::from_secs(60)
 }
 
 /// Settle and record.
 async fn finish(
     st: &AppState,
-    id: sluice_core::ReservationId,
+    public: &str,
     actual: Option<Amounts>,
     detail: impl serde::Serialize,
     request_id: Option<String>,
 ) {
-    if let Some(row) = settle_now(st, id, actual, &detail, request_id) {
-        st.ledger.record(vec![row], None).await;
-    }
+    let detail = serde_json::to_string(&detail).ok();
+    settle_record(st, public.to_owned(), actual, detail, request_id).await;
 }
 
 /// Whether an Anthropic request asks for prompt caching anywhere.
@@ -364,7 +435,8 @@ fn body_mentions_cache_control(v: &Value) -> bool {
 
 /// A reservation held for one candidate model.
 struct Held {
-    id: sluice_core::ReservationId,
+    /// The reservation's public id.
+    public: String,
     /// The agent's own limits (the provider quota's left out).
     limits: sluice_core::Statuses,
     amounts: Amounts,
@@ -411,13 +483,29 @@ async fn reserve_for(
         ..TokenUsage::default()
     };
     let held = amounts(model, worst_usage);
-    // Every attempt and back-off fits in the lease, with a minute to spare.
-    let lease = st.config.proxy.timeout * 2 + Duration::from_secs(60);
+    let lease = proxy_lease(st);
     let now = st.now();
-    let reservation = match st
-        .limiter
-        .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease))
+    let subject_names: Vec<String> = subjects.iter().map(|s| s.as_str().to_owned()).collect();
+    let meta = Meta {
+        caller: caller.id().to_owned(),
+        subjects: subject_names.clone(),
+        held,
+        reserved_ns: now.as_nanos(),
+    };
+    let reserved = match st
+        .engine
+        .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease), meta)
+        .await
     {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(Refused {
+                response: unavailable(wire, &e),
+                by_quota: false,
+            });
+        }
+    };
+    let (reservation, public) = match reserved {
         Ok(r) => r,
         Err(d) => {
             let by_quota = Some(d.subject) == quota_index;
@@ -427,21 +515,10 @@ async fn reserve_for(
             });
         }
     };
-    let public = st.reservations.public_id(reservation.id);
-    let subject_names: Vec<String> = subjects.iter().map(|s| s.as_str().to_owned()).collect();
-    st.reservations.insert(
-        reservation.id,
-        Meta {
-            caller: caller.id().to_owned(),
-            subjects: subject_names.clone(),
-            held,
-            reserved_ns: now.as_nanos(),
-        },
-    );
     let row = LedgerRow {
         ts_ns: now.as_nanos(),
         kind: RowKind::Reserve,
-        reservation: Some(public),
+        reservation: Some(public.clone()),
         subjects: subject_names,
         amounts: held,
         held: None,
@@ -454,7 +531,7 @@ async fn reserve_for(
     let mut limits = reservation.limits;
     limits.retain(|l| Some(l.subject) != quota_index);
     Ok(Held {
-        id: reservation.id,
+        public,
         limits,
         amounts: held,
         input_estimate: worst_usage.input,
@@ -876,7 +953,7 @@ async fn proxy_request(
         // (the upstream may still serve and bill it) instead of at lease expiry.
         let guard = Abandoned {
             st: Arc::clone(&st),
-            id: Some(held.id),
+            id: Some(held.public.clone()),
             held: held.amounts,
             model: model.name.clone(),
         };
@@ -895,7 +972,7 @@ async fn proxy_request(
                 tracing::warn!("{} via {}: {why}", model.name, provider.name);
                 finish(
                     &st,
-                    held.id,
+                    &held.public,
                     None,
                     json!({"model": model.name, "error": why, "failover": more}),
                     None,
@@ -933,7 +1010,7 @@ async fn proxy_request(
 /// Settles a reservation at its held amounts if dropped before being disarmed.
 struct Abandoned {
     st: Arc<AppState>,
-    id: Option<sluice_core::ReservationId>,
+    id: Option<String>,
     held: Amounts,
     model: String,
 }
@@ -946,19 +1023,9 @@ impl Abandoned {
 
 impl Drop for Abandoned {
     fn drop(&mut self) {
-        let Some(id) = self.id.take() else { return };
+        let Some(public) = self.id.take() else { return };
         let detail = json!({"model": self.model, "abandoned": "the client went away before the upstream answered"});
-        if let Some(row) = settle_now(&self.st, id, Some(self.held), &detail, None) {
-            let st = Arc::clone(&self.st);
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(async move { st.ledger.record(vec![row], None).await });
-                }
-                Err(_) => tracing::error!(
-                    "no runtime to record an abandoned request's ledger row: {row:?}"
-                ),
-            }
-        }
+        settle_soon(&self.st, public, Some(self.held), Some(detail.to_string()), None);
     }
 }
 
@@ -1002,7 +1069,7 @@ async fn answer(
     if streaming && status.is_success() {
         let settle = StreamSettle {
             st: Arc::clone(st),
-            id: Some(held.id),
+            id: Some(held.public.clone()),
             model: model.clone(),
             held: held.amounts,
             input_estimate: held.input_estimate,
@@ -1021,7 +1088,7 @@ async fn answer(
         Err(e) => {
             // The upstream answered but the body broke: it may have served; charge the hold.
             let detail = json!({"model": model.name, "error": format!("upstream body: {e}")});
-            finish(st, held.id, Some(held.amounts), detail, request_id).await;
+            finish(st, &held.public, Some(held.amounts), detail, request_id).await;
             return wire_error(
                 wire,
                 StatusCode::BAD_GATEWAY,
@@ -1044,9 +1111,9 @@ async fn answer(
     };
     if status.is_success() {
         let actual = usage.map_or(held.amounts, |u| amounts(model, u));
-        finish(st, held.id, Some(actual), detail, request_id).await;
+        finish(st, &held.public, Some(actual), detail, request_id).await;
     } else {
-        finish(st, held.id, None, detail, request_id).await;
+        finish(st, &held.public, None, detail, request_id).await;
     }
     let mut r = (
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -1064,7 +1131,7 @@ async fn answer(
 /// streamed so far (one token per three bytes, at least one), capped at the hold.
 struct StreamSettle {
     st: Arc<AppState>,
-    id: Option<sluice_core::ReservationId>,
+    id: Option<String>,
     model: Model,
     held: Amounts,
     input_estimate: u64,
@@ -1104,17 +1171,14 @@ impl StreamSettle {
         let detail = json!({"model": self.model.name, "upstream_model": self.model.upstream_name, "stream": true,
             "completed": completed, "charged_from": how, "latency_ms": latency_ms,
             "cached_input_tokens": usage.cached_input});
-        // Settled in the engine now; the ledger row is queued from a task (Drop cannot wait).
-        if let Some(row) = settle_now(&st, id, Some(actual), &detail, self.request_id.take()) {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(async move { st.ledger.record(vec![row], None).await });
-                }
-                Err(_) => {
-                    tracing::error!("no runtime to record a settled stream's ledger row: {row:?}")
-                }
-            }
-        }
+        // In memory settled now; the ledger row is queued from a task (Drop cannot wait).
+        settle_soon(
+            &st,
+            id,
+            Some(actual),
+            Some(detail.to_string()),
+            self.request_id.take(),
+        );
     }
 }
 

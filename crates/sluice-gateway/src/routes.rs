@@ -13,7 +13,7 @@ use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sluice_core::{
-    Amounts, Decision, Denial, DenialReason, LimitStatus, Request, ReservationError, Subject,
+    Amounts, Decision, Denial, DenialReason, LimitStatus, Request, Subject,
     SubjectKind, Timestamp, Window, micros_to_usd,
 };
 
@@ -24,7 +24,8 @@ use crate::idempotency::{self, Begin, Stored};
 use crate::json;
 use crate::metrics::{Endpoint, Gauges, Outcome};
 use crate::ratelimit;
-use crate::reservations::{Meta, Parsed};
+use crate::engine::Settle;
+use crate::reservations::Meta;
 use crate::server::{AppState, StoredPolicy};
 use crate::wire::{
     self, AmountsBody, CheckBody, CommitBody, LimitBody, PolicyBody, ReserveBody, StatusOut,
@@ -186,7 +187,7 @@ async fn healthz() -> Response {
 async fn metrics(State(st): St) -> Response {
     let stats = &st.ledger.stats;
     let g = Gauges {
-        outstanding: st.limiter.outstanding() as u64,
+        outstanding: st.engine.outstanding().await.unwrap_or(0),
         ledger_pending: stats.pending.load(Ordering::Relaxed),
         ledger_written: stats.written.load(Ordering::Relaxed),
         ledger_failures: stats.failures.load(Ordering::Relaxed),
@@ -197,7 +198,7 @@ async fn metrics(State(st): St) -> Response {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len() as u64,
         keys: st.keys.list().len() as u64,
-        subjects: st.limiter.store().subjects() as u64,
+        subjects: st.engine.subjects(),
         idempotency: st.idempotency.len() as u64,
     };
     (
@@ -260,7 +261,7 @@ async fn set_policy(
         policy: Arc::new(policy.clone()),
         updated_ns: now,
     };
-    st.limiter.set_policy(subject, policy);
+    st.engine.set_policy(subject, policy);
     let old = st
         .policies
         .write()
@@ -318,7 +319,7 @@ async fn delete_policy(State(st): St, headers: HeaderMap, uri: Uri) -> Response 
                 .delete_policy(subject.as_str())
                 .await
                 .map_err(|e| ApiError::internal("deleting a policy", e))?;
-            st.limiter.remove_policy(&subject);
+            st.engine.remove_policy(&subject);
             st.policies
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -573,7 +574,7 @@ async fn check(State(st): St, request: axum::extract::Request) -> Response {
         idempotent(&st, &caller, &headers, "check", &bytes, || async move {
             let request = Request::new(subjects.iter().cloned(), amounts);
             let now = st2.now();
-            match st2.limiter.check(&request) {
+            match st2.engine.check(&request).await? {
                 Decision::Allowed(statuses) => {
                     let body = CheckOut {
                         allowed: true,
@@ -637,18 +638,14 @@ async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
         idempotent(&st, &caller, &headers, "reserve", &bytes, || async move {
             let request = Request::new(subjects.iter().cloned(), amounts);
             let now = st2.now();
-            match st2.limiter.reserve(&request, lease) {
-                Ok(r) => {
-                    let public = st2.reservations.public_id(r.id);
-                    st2.reservations.insert(
-                        r.id,
-                        Meta {
-                            caller: who.clone(),
-                            subjects: subject_strings(&subjects),
-                            held: amounts,
-                            reserved_ns: now.as_nanos(),
-                        },
-                    );
+            let meta = Meta {
+                caller: who.clone(),
+                subjects: subject_strings(&subjects),
+                held: amounts,
+                reserved_ns: now.as_nanos(),
+            };
+            match st2.engine.reserve(&request, lease, meta).await? {
+                Ok((r, public)) => {
                     let body = json!({
                         "reservation_id": public,
                         "expires_at": rfc3339(r.expires_at.as_nanos()),
@@ -705,32 +702,40 @@ async fn settle(
         ))
         .field("reservation_id")
     };
-    let id = match st.reservations.parse(public) {
-        Some(Parsed::Current(id)) => id,
-        Some(Parsed::Other) if st.reservations.was_expired(public) => {
-            return Err(expired_error(public));
-        }
-        _ => return Err(unknown()),
+    let owner = match caller {
+        Caller::Admin => None,
+        Caller::Agent(k) => Some(k.id.as_str()),
     };
-    match st.reservations.caller(id) {
-        None if st.reservations.was_expired(public) => return Err(expired_error(public)),
-        None => return Err(unknown()),
-        Some(owner) if owner != caller.id() && !matches!(caller, Caller::Admin) => {
+    let outcome = st.engine.settle(public, owner, actual).await?;
+    let now = st.now().as_nanos();
+    let (settlement, meta) = match outcome {
+        Settle::Done { settlement, meta } => (settlement, meta),
+        Settle::Unknown => return Err(unknown()),
+        Settle::Forbidden => {
             return Err(ApiError::forbidden(format!(
                 "reservation {public} belongs to another key"
             ))
             .field("reservation_id"));
         }
-        Some(_) => {}
-    }
-    let Some(meta) = st.reservations.take(id) else {
-        return Err(if st.reservations.was_expired(public) {
-            expired_error(public)
-        } else {
-            unknown()
-        });
+        Settle::Expired(None) => return Err(expired_error(public)),
+        Settle::Expired(Some(meta)) => {
+            // The lease ran out: counted at its held amounts; we record that.
+            let row = LedgerRow {
+                ts_ns: now,
+                kind: RowKind::Expire,
+                reservation: Some(public.to_owned()),
+                subjects: meta.subjects,
+                amounts: meta.held,
+                held: Some(meta.held),
+                reserved_ns: Some(meta.reserved_ns),
+                caller: meta.caller,
+                request_id: None,
+                detail: None,
+            };
+            st.ledger.record(vec![row], None).await;
+            return Err(expired_error(public));
+        }
     };
-    let now = st.now().as_nanos();
     let mut row = LedgerRow {
         ts_ns: now,
         kind: RowKind::Release,
@@ -743,53 +748,34 @@ async fn settle(
         request_id: None,
         detail: None,
     };
-    let outcome = match actual {
-        Some(a) => st.limiter.commit(id, &a).map(Some),
-        None => st.limiter.release(id).map(|()| None),
-    };
-    match outcome {
-        Ok(settlement) => {
-            let mut body = json!({ "reservation_id": public });
-            if let Some(a) = actual {
-                row.kind = RowKind::Commit;
-                row.amounts = a;
-                let overshoot: Vec<Value> = settlement
-                    .map(|s| {
-                        s.overshoot
-                            .iter()
-                            .map(|o| {
-                                json!({
-                                    "subject": o.subject.as_str(),
-                                    "metric": o.metric.name(),
-                                    "window": o.window.to_string(),
-                                    "limit": metric_value(o.metric, o.limit),
-                                    "used": metric_value(o.metric, o.used),
-                                })
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if !overshoot.is_empty() {
-                    row.detail = Some(json!({ "overshoot": overshoot }).to_string());
-                }
-                body["status"] = Value::from("committed");
-                body["committed"] = amounts_json(&a);
-                body["overshoot"] = Value::from(overshoot);
-            } else {
-                body["status"] = Value::from("released");
-            }
-            st.ledger.record(vec![row], None).await;
-            Ok(json::reply(StatusCode::OK, &body))
+    let mut body = json!({ "reservation_id": public });
+    if let Some(a) = actual {
+        row.kind = RowKind::Commit;
+        row.amounts = a;
+        let overshoot: Vec<Value> = settlement
+            .overshoot
+            .iter()
+            .map(|o| {
+                json!({
+                    "subject": o.subject.as_str(),
+                    "metric": o.metric.name(),
+                    "window": o.window.to_string(),
+                    "limit": metric_value(o.metric, o.limit),
+                    "used": metric_value(o.metric, o.used),
+                })
+            })
+            .collect();
+        if !overshoot.is_empty() {
+            row.detail = Some(json!({ "overshoot": overshoot }).to_string());
         }
-        Err(ReservationError::Expired(_)) | Err(ReservationError::Unknown(_)) => {
-            // The lease ran out: counted at its held amounts; we record that.
-            st.reservations.mark_expired(public.to_owned());
-            row.kind = RowKind::Expire;
-            row.amounts = meta.held;
-            st.ledger.record(vec![row], None).await;
-            Err(expired_error(public))
-        }
+        body["status"] = Value::from("committed");
+        body["committed"] = amounts_json(&a);
+        body["overshoot"] = Value::from(overshoot);
+    } else {
+        body["status"] = Value::from("released");
     }
+    st.ledger.record(vec![row], None).await;
+    Ok(json::reply(StatusCode::OK, &body))
 }
 
 async fn commit(State(st): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
@@ -855,7 +841,7 @@ async fn usage(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
             let subject = path_subject(&uri, "/v1/usage/")?;
             caller.require_subject(&subject, "subject")?;
             let now = st.now();
-            let statuses = st.limiter.usage(&subject);
+            let statuses = st.engine.usage(&subject).await?;
             let policy = {
                 let policies = st
                     .policies
@@ -1040,7 +1026,7 @@ fn mesh_address(uri: &Uri) -> Result<(Subject, String), ApiError> {
     Ok((subject, rest))
 }
 
-fn cost_policy_json(st: &AppState, subject: &Subject) -> Value {
+async fn cost_policy_json(st: &AppState, subject: &Subject) -> Result<Value, ApiError> {
     let mut out = json!({
         "address": subject.as_str(),
         "max_intents_per_hour": null,
@@ -1062,7 +1048,7 @@ fn cost_policy_json(st: &AppState, subject: &Subject) -> Value {
         }
     }
     let mut usage = json!({"intents_per_hour": 0, "intents_per_day": 0, "cost_per_day_usd": 0.0});
-    for s in st.limiter.usage(subject) {
+    for s in st.engine.usage(subject).await? {
         match axme_field(s.metric.name(), &s.window.to_string()) {
             Some("max_intents_per_hour") => usage["intents_per_hour"] = Value::from(s.used),
             Some("max_intents_per_day") => usage["intents_per_day"] = Value::from(s.used),
@@ -1073,11 +1059,11 @@ fn cost_policy_json(st: &AppState, subject: &Subject) -> Value {
         }
     }
     out["usage"] = usage;
-    out
+    Ok(out)
 }
 
 async fn mesh_get(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
-    result((|| {
+    result(async {
         let caller = st.keys.authenticate(&headers)?;
         let (subject, rest) = mesh_address(&uri)?;
         if rest != "/policies/cost" {
@@ -1086,9 +1072,10 @@ async fn mesh_get(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
         caller.require_subject(&subject, "address")?;
         Ok(json::reply(
             StatusCode::OK,
-            &cost_policy_json(&st, &subject),
+            &cost_policy_json(&st, &subject).await?,
         ))
-    })())
+    }
+    .await)
 }
 
 async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {
@@ -1167,7 +1154,7 @@ async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Re
             body.to_policy().map_err(mapped)?;
             let (created, _) = set_policy(&st, &subject, body).await?;
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            Ok(json::reply(status, &cost_policy_json(&st, &subject)))
+            Ok(json::reply(status, &cost_policy_json(&st, &subject).await?))
         }
         .await,
     )
@@ -1248,10 +1235,10 @@ async fn intent(State(st): St, request: axum::extract::Request) -> Response {
         idempotent(&st, &caller, &headers, "intents", &bytes, || async move {
             let request = Request::new(subjects.iter().cloned(), amounts);
             let now = st2.now();
-            match st2.limiter.check(&request) {
+            match st2.engine.check(&request).await? {
                 Decision::Allowed(statuses) => {
                     let n = st2.intents.fetch_add(1, Ordering::Relaxed);
-                    let intent_id = format!("int_{}_{n}", st2.reservations.boot());
+                    let intent_id = format!("int_{}_{n}", st2.engine.boot());
                     let body = IntentOut {
                         intent_id: &intent_id,
                         status: "accepted",

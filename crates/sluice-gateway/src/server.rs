@@ -9,8 +9,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sluice_core::{
-    Amounts, CalendarUnit, Clock, Limiter, LimiterConfig, MemoryStore, Metric, Request, Subject,
-    Timestamp, Window,
+    Amounts, CalendarUnit, Clock, Limiter, MemoryStore, Metric, Request, Subject, Timestamp,
+    Window,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -21,7 +21,7 @@ use crate::db::{Db, DbError, LedgerRow, RowKind};
 use crate::idempotency::Idempotency;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::reservations::Reservations;
+use crate::engine::Engine;
 use crate::wire::{Action, PolicyBody};
 
 /// A shared clock (the system clock in service, a manual one in tests).
@@ -59,8 +59,8 @@ pub struct StoredPolicy {
 /// Everything a request handler needs.
 #[derive(Debug)]
 pub struct AppState {
-    /// The engine.
-    pub limiter: GatewayLimiter,
+    /// The limiter (in memory or in Redis) and reservations' metadata.
+    pub engine: Engine,
     /// Time.
     pub clock: SharedClock,
     /// The database.
@@ -73,8 +73,6 @@ pub struct AppState {
     pub policies: RwLock<BTreeMap<String, StoredPolicy>>,
     /// Serialises policy writes so the database and the engine agree.
     pub policy_write: tokio::sync::Mutex<()>,
-    /// Reservations' metadata.
-    pub reservations: Reservations,
     /// Idempotent answers.
     pub idempotency: Arc<Idempotency>,
     /// Counters.
@@ -214,14 +212,13 @@ impl Gateway {
             .map_err(|e| io_err("cannot create data directory", &config.data_dir, e))?;
         let (key, admin_key_source) = admin_key(&config)?;
         let db = Db::open(&config.data_dir, config.ledger_sync).await?;
-        let limiter = Limiter::new(
-            clock.clone(),
-            MemoryStore::new(),
-            LimiterConfig {
-                default_lease: config.default_lease,
-                max_lease: config.max_lease,
-            },
-        );
+        let engine = Engine::new(
+            &config.store,
+            &clock,
+            config.default_lease,
+            config.max_lease,
+        )
+        .map_err(StartError::Io)?;
         let keys = Keys::new(&key);
         for k in db.keys().await? {
             let Ok(subject) = Subject::parse(&k.subject) else {
@@ -255,7 +252,7 @@ impl Gateway {
                 continue;
             };
             let checked = Arc::new(policy.clone());
-            limiter.set_policy(&s, policy);
+            engine.set_policy(&s, policy);
             let policy = checked;
             policies.insert(
                 subject,
@@ -284,7 +281,7 @@ impl Gateway {
                     "cannot install the quota of {subject}"
                 )));
             };
-            limiter.set_policy(&s, policy);
+            engine.set_policy(&s, policy);
         }
         let ledger = Ledger::start(
             &Db::path(&config.data_dir),
@@ -303,13 +300,12 @@ impl Gateway {
             .await?,
         );
         let state = Arc::new(AppState {
-            limiter,
+            engine,
             clock,
             db,
             ledger,
             keys,
             policy_write: tokio::sync::Mutex::new(()),
-            reservations: Reservations::default(),
             idempotency,
             metrics: Metrics::default(),
             intents: AtomicU64::new(1),
@@ -427,6 +423,10 @@ async fn replay(state: &Arc<AppState>) -> Result<Recovery, StartError> {
             .len(),
         ..Recovery::default()
     };
+    if state.engine.is_shared() {
+        // Window state and unsettled leases live in the shared store.
+        return Ok(recovery);
+    }
     let since = match longest {
         Some(d) => now.as_nanos().saturating_sub(d.as_nanos() as u64),
         // No policy: nothing to rebuild, but unsettled reservations still need settling.
@@ -466,7 +466,7 @@ async fn replay(state: &Arc<AppState>) -> Result<Recovery, StartError> {
     let mut restart_rows = Vec::new();
     for (id, row) in open {
         charges.push((row.ts_ns, parse_subjects(&row.subjects), row.amounts));
-        state.reservations.mark_expired(id.clone());
+        state.engine.mark_expired(id.clone());
         restart_rows.push(LedgerRow {
             ts_ns: now.as_nanos(),
             kind: RowKind::Restart,
@@ -486,7 +486,7 @@ async fn replay(state: &Arc<AppState>) -> Result<Recovery, StartError> {
             continue;
         }
         state
-            .limiter
+            .engine
             .charge_at(&Request::new(subjects, amounts), Timestamp::from_nanos(ts));
     }
     recovery.unsettled = restart_rows.len();
@@ -503,35 +503,27 @@ async fn replay(state: &Arc<AppState>) -> Result<Recovery, StartError> {
 
 /// Settle leases that have run out, writing `expire` rows.
 pub async fn settle_expired(state: &Arc<AppState>) {
-    let expired = state.limiter.expire_leases();
+    let expired = state.engine.expire().await;
     if expired.is_empty() {
         return;
     }
     let now = state.now().as_nanos();
-    let mut rows = Vec::new();
-    for e in expired {
-        let public = state.reservations.public_id(e.id);
-        // Mark first: a commit racing with us then answers 409, not 404.
-        state.reservations.mark_expired(public.clone());
-        let Some(meta) = state.reservations.take(e.id) else {
-            continue; // the commit path took it and records it
-        };
-        rows.push(LedgerRow {
+    let rows = expired
+        .into_iter()
+        .map(|e| LedgerRow {
             ts_ns: now,
             kind: RowKind::Expire,
-            reservation: Some(public),
-            subjects: meta.subjects,
-            amounts: meta.held,
-            held: Some(meta.held),
-            reserved_ns: Some(meta.reserved_ns),
-            caller: meta.caller,
+            reservation: Some(e.public),
+            subjects: e.meta.subjects,
+            amounts: e.meta.held,
+            held: Some(e.meta.held),
+            reserved_ns: Some(e.meta.reserved_ns),
+            caller: e.meta.caller,
             request_id: None,
             detail: None,
-        });
-    }
-    if !rows.is_empty() {
-        state.ledger.record(rows, None).await;
-    }
+        })
+        .collect();
+    state.ledger.record(rows, None).await;
 }
 
 async fn expire_leases(state: Arc<AppState>) {
@@ -554,6 +546,6 @@ async fn prune(state: Arc<AppState>) {
         if let Err(e) = state.db.prune_idempotency(cutoff).await {
             tracing::warn!("pruning idempotency records: {e}");
         }
-        state.limiter.sweep();
+        state.engine.sweep();
     }
 }
