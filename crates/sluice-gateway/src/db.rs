@@ -1,12 +1,17 @@
-//! Durable state in SQLite (WAL): policies, agent keys (hashed), the
-//! append-only usage ledger, daily spend roll-ups and idempotency records.
-//! Schema changes are versioned migrations, applied in order at start.
+//! Durable state: policies, agent keys (hashed), the append-only usage
+//! ledger, daily spend roll-ups and idempotency records. In SQLite (WAL, a
+//! file in the data directory; the default) or PostgreSQL (`[database] url`,
+//! shared by replicas), through the same queries: one schema, versioned
+//! migrations applied in order at start (PostgreSQL's under an advisory lock,
+//! so replicas starting together migrate once). On PostgreSQL every change
+//! to policies or keys is announced with `NOTIFY sluice_changes`.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use sluice_core::{Amounts, Metric};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -77,6 +82,19 @@ const MIGRATIONS: &[(i64, &str)] = &[
     // time order, so replay finds its start by binary search on `seq` instead.
     (2, "DROP INDEX IF EXISTS ledger_ts;"),
 ];
+
+/// A migration's text for PostgreSQL: the same schema in its types.
+fn postgres_sql(sql: &str) -> String {
+    sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+        .replace("status INTEGER", "status BIGINT")
+        .replace(" BLOB ", " BYTEA ")
+}
+
+/// The channel replicas listen on for policy and key changes (PostgreSQL).
+pub const CHANGES_CHANNEL: &str = "sluice_changes";
+
+/// Arbitrary key of the advisory lock migrations run under (PostgreSQL).
+const MIGRATION_LOCK: i64 = 0x0051_C3D8;
 
 /// How far out of time order ledger rows may be (each row is stamped at its
 /// decision and queued at once; only queueing separates them). Replay starts
@@ -210,7 +228,12 @@ fn to_u64(v: i64) -> u64 {
 }
 
 /// The five amount columns of a ledger or spend row.
-fn amounts_of(r: &sqlx::sqlite::SqliteRow) -> Result<Amounts, sqlx::Error> {
+fn amounts_of<R>(r: &R) -> Result<Amounts, sqlx::Error>
+where
+    R: Row,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
     let mut amounts = Amounts::ZERO;
     for (m, col) in [
         (Metric::Requests, "requests"),
@@ -251,10 +274,29 @@ pub fn utc_day(ts_ns: u64) -> String {
         .unwrap_or_else(|_| "1970-01-01".to_owned())
 }
 
+/// The connection pool of either database.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    /// SQLite.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Runs the same query code on whichever pool the database has.
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match &$db.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
 /// The database.
 #[derive(Debug, Clone)]
 pub struct Db {
-    pool: SqlitePool,
+    pool: Pool,
 }
 
 impl Db {
@@ -283,201 +325,292 @@ impl Db {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        let db = Db { pool };
+        let db = Db {
+            pool: Pool::Sqlite(pool),
+        };
         db.migrate().await?;
         Ok(db)
     }
 
+    /// Connect to PostgreSQL at `url` and apply migrations.
+    pub async fn open_postgres(url: &str) -> Result<Db, DbError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        let db = Db {
+            pool: Pool::Postgres(pool),
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     async fn migrate(&self) -> Result<(), DbError> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ns BIGINT NOT NULL)",
-        )
-        .execute(&self.pool)
-        .await?;
-        for (version, sql) in MIGRATIONS {
-            let mut tx = self.pool.begin().await?;
-            let done: Option<i64> =
-                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+        const TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ns BIGINT NOT NULL)";
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                sqlx::query(TABLE).execute(pool).await?;
+                for (version, sql) in MIGRATIONS {
+                    let mut tx = pool.begin().await?;
+                    let done: Option<i64> = sqlx::query_scalar(
+                        "SELECT version FROM schema_migrations WHERE version = $1",
+                    )
                     .bind(version)
                     .fetch_optional(&mut *tx)
                     .await?;
-            if done.is_some() {
-                continue;
+                    if done.is_some() {
+                        continue;
+                    }
+                    sqlx::raw_sql(sql).execute(&mut *tx).await?;
+                    sqlx::query(
+                        "INSERT INTO schema_migrations (version, applied_ns) VALUES ($1, 0)",
+                    )
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                }
             }
-            sqlx::raw_sql(sql).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO schema_migrations (version, applied_ns) VALUES ($1, 0)")
-                .bind(version)
-                .execute(&mut *tx)
+            Pool::Postgres(pool) => {
+                // One transaction under an advisory lock: replicas starting
+                // together wait for each other and migrate once.
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(MIGRATION_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(TABLE).execute(&mut *tx).await?;
+                for (version, sql) in MIGRATIONS {
+                    let done: Option<i64> = sqlx::query_scalar(
+                        "SELECT version FROM schema_migrations WHERE version = $1",
+                    )
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if done.is_some() {
+                        continue;
+                    }
+                    sqlx::raw_sql(&postgres_sql(sql)).execute(&mut *tx).await?;
+                    sqlx::query(
+                        "INSERT INTO schema_migrations (version, applied_ns) VALUES ($1, 0)",
+                    )
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tell other replicas that policies or keys changed (PostgreSQL; a no-op on SQLite).
+    async fn announce(&self) -> Result<(), DbError> {
+        if let Pool::Postgres(pool) = &self.pool {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CHANGES_CHANNEL)
+                .execute(pool)
                 .await?;
-            tx.commit().await?;
         }
         Ok(())
     }
 
     /// The schema version in force.
     pub async fn schema_version(&self) -> Result<i64, DbError> {
-        Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        on_pool!(self, pool => {
+            Ok(
+                sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                    .fetch_one(pool)
+                    .await?,
+            )
+        })
     }
 
     /// Every policy: (subject, body JSON, updated ns).
     pub async fn policies(&self) -> Result<Vec<(String, String, u64)>, DbError> {
-        let rows = sqlx::query("SELECT subject, body, updated_ns FROM policies ORDER BY subject")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("subject")?,
-                    r.try_get("body")?,
-                    to_u64(r.try_get("updated_ns")?),
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(DbError)
+        on_pool!(self, pool => {
+            let rows = sqlx::query("SELECT subject, body, updated_ns FROM policies ORDER BY subject")
+                .fetch_all(pool)
+                .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get("subject")?,
+                        r.try_get("body")?,
+                        to_u64(r.try_get("updated_ns")?),
+                    ))
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(DbError)
+        })
     }
 
     /// Insert or replace a policy.
     pub async fn put_policy(&self, subject: &str, body: &str, ts_ns: u64) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO policies (subject, body, updated_ns) VALUES ($1, $2, $3)
-             ON CONFLICT (subject) DO UPDATE SET body = excluded.body, updated_ns = excluded.updated_ns",
-        )
-        .bind(subject)
-        .bind(body)
-        .bind(to_i64(ts_ns))
-        .execute(&self.pool)
-        .await?;
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO policies (subject, body, updated_ns) VALUES ($1, $2, $3)
+                 ON CONFLICT (subject) DO UPDATE SET body = excluded.body, updated_ns = excluded.updated_ns",
+            )
+            .bind(subject)
+            .bind(body)
+            .bind(to_i64(ts_ns))
+            .execute(pool)
+            .await?;
+            Ok::<_, DbError>(())
+        })?;
+        self.announce().await?;
         Ok(())
     }
 
     /// Delete a policy; whether it existed.
     pub async fn delete_policy(&self, subject: &str) -> Result<bool, DbError> {
-        let r = sqlx::query("DELETE FROM policies WHERE subject = $1")
-            .bind(subject)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        let out = on_pool!(self, pool => {
+            let r = sqlx::query("DELETE FROM policies WHERE subject = $1")
+                .bind(subject)
+                .execute(pool)
+                .await?;
+            Ok::<_, DbError>(r.rows_affected() > 0)
+        })?;
+        self.announce().await?;
+        Ok(out)
     }
 
     /// Keys not revoked.
     pub async fn keys(&self) -> Result<Vec<KeyRow>, DbError> {
-        let rows = sqlx::query(
-            "SELECT id, hash, subject, name, prefix, created_ns FROM api_keys
-             WHERE revoked_ns IS NULL ORDER BY created_ns, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(KeyRow {
-                    id: r.try_get("id")?,
-                    hash: r.try_get("hash")?,
-                    subject: r.try_get("subject")?,
-                    name: r.try_get("name")?,
-                    prefix: r.try_get("prefix")?,
-                    created_ns: to_u64(r.try_get("created_ns")?),
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT id, hash, subject, name, prefix, created_ns FROM api_keys
+                 WHERE revoked_ns IS NULL ORDER BY created_ns, id",
+            )
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(KeyRow {
+                        id: r.try_get("id")?,
+                        hash: r.try_get("hash")?,
+                        subject: r.try_get("subject")?,
+                        name: r.try_get("name")?,
+                        prefix: r.try_get("prefix")?,
+                        created_ns: to_u64(r.try_get("created_ns")?),
+                    })
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(DbError)
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(DbError)
+        })
     }
 
     /// Store a new key.
     pub async fn insert_key(&self, key: &KeyRow) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, hash, subject, name, prefix, created_ns) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&key.id)
-        .bind(&key.hash)
-        .bind(&key.subject)
-        .bind(&key.name)
-        .bind(&key.prefix)
-        .bind(to_i64(key.created_ns))
-        .execute(&self.pool)
-        .await?;
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO api_keys (id, hash, subject, name, prefix, created_ns) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&key.id)
+            .bind(&key.hash)
+            .bind(&key.subject)
+            .bind(&key.name)
+            .bind(&key.prefix)
+            .bind(to_i64(key.created_ns))
+            .execute(pool)
+            .await?;
+            Ok::<_, DbError>(())
+        })?;
+        self.announce().await?;
         Ok(())
     }
 
     /// Revoke a key; whether it was live.
     pub async fn revoke_key(&self, id: &str, ts_ns: u64) -> Result<bool, DbError> {
-        let r =
-            sqlx::query("UPDATE api_keys SET revoked_ns = $1 WHERE id = $2 AND revoked_ns IS NULL")
-                .bind(to_i64(ts_ns))
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
-        Ok(r.rows_affected() > 0)
+        let out = on_pool!(self, pool => {
+            let r =
+                sqlx::query("UPDATE api_keys SET revoked_ns = $1 WHERE id = $2 AND revoked_ns IS NULL")
+                    .bind(to_i64(ts_ns))
+                    .bind(id)
+                    .execute(pool)
+                    .await?;
+            Ok::<_, DbError>(r.rows_affected() > 0)
+        })?;
+        self.announce().await?;
+        Ok(out)
     }
 
     /// Ledger rows at or after `since_ns`, in the order written.
     pub async fn ledger_since(&self, since_ns: u64) -> Result<Vec<LedgerRow>, DbError> {
-        // Binary search on seq (the rowid) for the first row stamped at or
-        // after `since - slack`; rows are appended in time order up to the slack.
-        let target = to_i64(since_ns.saturating_sub(ORDER_SLACK_NS));
-        let bounds: (Option<i64>, Option<i64>) =
-            sqlx::query_as("SELECT MIN(seq), MAX(seq) FROM ledger")
-                .fetch_one(&self.pool)
-                .await?;
-        let (Some(mut lo), Some(mut hi)) = bounds else {
-            return Ok(Vec::new());
-        };
-        hi += 1;
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let ts: Option<i64> =
-                sqlx::query_scalar("SELECT ts_ns FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT 1")
-                    .bind(mid)
-                    .fetch_optional(&self.pool)
+        on_pool!(self, pool => {
+            // Binary search on seq (the rowid) for the first row stamped at or
+            // after `since - slack`; rows are appended in time order up to the slack.
+            let target = to_i64(since_ns.saturating_sub(ORDER_SLACK_NS));
+            let bounds: (Option<i64>, Option<i64>) =
+                sqlx::query_as("SELECT MIN(seq), MAX(seq) FROM ledger")
+                    .fetch_one(pool)
                     .await?;
-            match ts {
-                Some(ts) if ts < target => lo = mid + 1,
-                _ => hi = mid,
-            }
-        }
-        let rows = sqlx::query(
-            "SELECT ts_ns, kind, reservation, subjects, requests, tokens, input_tokens, output_tokens,
-             cost_micros, held, reserved_ns, caller, request_id, detail
-             FROM ledger WHERE seq >= $1 AND ts_ns >= $2 ORDER BY seq",
-        )
-        .bind(lo)
-        .bind(to_i64(since_ns))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let kind: String = r.try_get("kind")?;
-            let Some(kind) = RowKind::parse(&kind) else {
-                continue;
+            let (Some(mut lo), Some(mut hi)) = bounds else {
+                return Ok(Vec::new());
             };
-            let subjects: String = r.try_get("subjects")?;
-            let held: Option<String> = r.try_get("held")?;
-            let amounts = amounts_of(&r)?;
-            out.push(LedgerRow {
-                ts_ns: to_u64(r.try_get("ts_ns")?),
-                kind,
-                reservation: r.try_get("reservation")?,
-                subjects: serde_json::from_str(&subjects).unwrap_or_default(),
-                amounts,
-                held: held.as_deref().and_then(parse_amounts_text),
-                reserved_ns: r.try_get::<Option<i64>, _>("reserved_ns")?.map(to_u64),
-                caller: r.try_get("caller")?,
-                request_id: r.try_get("request_id")?,
-                detail: r.try_get("detail")?,
-            });
-        }
-        Ok(out)
+            hi += 1;
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                let ts: Option<i64> =
+                    sqlx::query_scalar("SELECT ts_ns FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT 1")
+                        .bind(mid)
+                        .fetch_optional(pool)
+                        .await?;
+                match ts {
+                    Some(ts) if ts < target => lo = mid + 1,
+                    _ => hi = mid,
+                }
+            }
+            let rows = sqlx::query(
+                "SELECT ts_ns, kind, reservation, subjects, requests, tokens, input_tokens, output_tokens,
+                 cost_micros, held, reserved_ns, caller, request_id, detail
+                 FROM ledger WHERE seq >= $1 AND ts_ns >= $2 ORDER BY seq",
+            )
+            .bind(lo)
+            .bind(to_i64(since_ns))
+            .fetch_all(pool)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let kind: String = r.try_get("kind")?;
+                let Some(kind) = RowKind::parse(&kind) else {
+                    continue;
+                };
+                let subjects: String = r.try_get("subjects")?;
+                let held: Option<String> = r.try_get("held")?;
+                let amounts = amounts_of(&r)?;
+                out.push(LedgerRow {
+                    ts_ns: to_u64(r.try_get("ts_ns")?),
+                    kind,
+                    reservation: r.try_get("reservation")?,
+                    subjects: serde_json::from_str(&subjects).unwrap_or_default(),
+                    amounts,
+                    held: held.as_deref().and_then(parse_amounts_text),
+                    reserved_ns: r.try_get::<Option<i64>, _>("reserved_ns")?.map(to_u64),
+                    caller: r.try_get("caller")?,
+                    request_id: r.try_get("request_id")?,
+                    detail: r.try_get("detail")?,
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Ledger rows in all.
     pub async fn ledger_len(&self) -> Result<u64, DbError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(to_u64(n))
+        on_pool!(self, pool => {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger")
+                .fetch_one(pool)
+                .await?;
+            Ok(to_u64(n))
+        })
     }
 
     /// Spend of a subject on days `from..=to` (UTC, `YYYY-MM-DD`); `None` bounds mean all time.
@@ -487,55 +620,66 @@ impl Db {
         from: Option<&str>,
         to: Option<&str>,
     ) -> Result<Spend, DbError> {
-        let r = sqlx::query(
-            "SELECT COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tokens), 0) AS tokens,
-             COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) AS output_tokens,
-             COALESCE(SUM(cost_micros), 0) AS cost_micros
-             FROM spend_daily WHERE subject = $1 AND day >= $2 AND day <= $3",
-        )
-        .bind(subject)
-        .bind(from.unwrap_or("0000-00-00"))
-        .bind(to.unwrap_or("9999-99-99"))
-        .fetch_one(&self.pool)
-        .await?;
-        let amounts = amounts_of(&r)?;
-        Ok(Spend { amounts })
+        on_pool!(self, pool => {
+            let r = sqlx::query(
+                "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests,
+                 CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS tokens,
+                 CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens,
+                 CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens,
+                 CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros
+                 FROM spend_daily WHERE subject = $1 AND day >= $2 AND day <= $3",
+            )
+            .bind(subject)
+            .bind(from.unwrap_or("0000-00-00"))
+            .bind(to.unwrap_or("9999-99-99"))
+            .fetch_one(pool)
+            .await?;
+            let amounts = amounts_of(&r)?;
+            Ok(Spend { amounts })
+        })
     }
 
     /// Idempotency records created at or after `since_ns`.
     pub async fn idempotency_since(&self, since_ns: u64) -> Result<Vec<IdemRow>, DbError> {
-        let rows = sqlx::query(
-            "SELECT scope, created_ns, fingerprint, status, headers, body FROM idempotency WHERE created_ns >= $1",
-        )
-        .bind(to_i64(since_ns))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(IdemRow {
-                    scope: r.try_get("scope")?,
-                    created_ns: to_u64(r.try_get("created_ns")?),
-                    fingerprint: r.try_get("fingerprint")?,
-                    status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(200),
-                    headers: r.try_get("headers")?,
-                    body: r.try_get("body")?,
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT scope, created_ns, fingerprint, status, headers, body FROM idempotency WHERE created_ns >= $1",
+            )
+            .bind(to_i64(since_ns))
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(IdemRow {
+                        scope: r.try_get("scope")?,
+                        created_ns: to_u64(r.try_get("created_ns")?),
+                        fingerprint: r.try_get("fingerprint")?,
+                        status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(200),
+                        headers: r.try_get("headers")?,
+                        body: r.try_get("body")?,
+                    })
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(DbError)
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(DbError)
+        })
     }
 
     /// Drop idempotency records older than `before_ns`.
     pub async fn prune_idempotency(&self, before_ns: u64) -> Result<u64, DbError> {
-        let r = sqlx::query("DELETE FROM idempotency WHERE created_ns < $1")
-            .bind(to_i64(before_ns))
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected())
+        on_pool!(self, pool => {
+            let r = sqlx::query("DELETE FROM idempotency WHERE created_ns < $1")
+                .bind(to_i64(before_ns))
+                .execute(pool)
+                .await?;
+            Ok(r.rows_affected())
+        })
     }
 
     /// Close the pool (after the ledger is flushed).
     pub async fn close(&self) {
-        self.pool.close().await;
+        match &self.pool {
+            Pool::Sqlite(pool) => pool.close().await,
+            Pool::Postgres(pool) => pool.close().await,
+        }
     }
 }

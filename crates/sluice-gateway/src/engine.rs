@@ -95,11 +95,15 @@ pub struct RedisEngine {
 
 /// The limiter.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per process, never moved after start"
+)]
 pub enum Engine {
     /// In memory.
     Memory(MemoryEngine),
     /// In Redis.
-    Redis(Box<RedisEngine>),
+    Redis(RedisEngine),
 }
 
 const SHARED_PREFIX: &str = "rsv_s";
@@ -234,14 +238,14 @@ impl Engine {
                     Arc::clone(&clock.0),
                 )
                 .map_err(|e| format!("store.url: {e}"))?;
-                Ok(Engine::Redis(Box::new(RedisEngine {
+                Ok(Engine::Redis(RedisEngine {
                     limiter: RedisLimiter::new(store, default_lease, max_lease),
                     on_error: *on_error,
                     replicas: *replicas,
                     fallback: memory(clock, default_lease, max_lease),
                     down: AtomicBool::new(false),
                     stats: StoreStats::default(),
-                })))
+                }))
             }
         }
     }
@@ -333,11 +337,7 @@ impl Engine {
             Engine::Memory(m) => Ok(m.reserve(request, lease, meta)),
             Engine::Redis(r) => {
                 let json = meta_json(&meta);
-                match r
-                    .limiter
-                    .reserve(request, lease, &meta.caller, &json)
-                    .await
-                {
+                match r.limiter.reserve(request, lease, &meta.caller, &json).await {
                     Ok(t) => {
                         r.up();
                         Ok(t.value.map(|res| {

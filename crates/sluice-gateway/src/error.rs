@@ -104,7 +104,10 @@ impl From<crate::engine::Unavailable> for ApiError {
             "store_unavailable",
             format!("{e}; retry shortly"),
         )
-        .with_header(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .with_header(
+            axum::http::header::RETRY_AFTER,
+            HeaderValue::from_static("1"),
+        )
     }
 }
 

@@ -66,14 +66,22 @@ impl std::fmt::Debug for Msg {
 }
 
 impl Ledger {
-    /// Start the writer thread on the database file `path` (already migrated).
+    /// Start the writer thread on `db` (already migrated): SQLite through
+    /// its own connection to the file `path`, PostgreSQL through the pool.
     pub fn start(
+        db: &crate::db::Db,
         path: &std::path::Path,
         sync: LedgerSync,
         gather: Duration,
         clock: SharedClock,
     ) -> Result<Ledger, rusqlite::Error> {
-        let sink = SqliteSink::open(path, sync)?;
+        let sink = match db.pool() {
+            crate::db::Pool::Sqlite(_) => Sink::Sqlite(SqliteSink::open(path, sync)?),
+            crate::db::Pool::Postgres(pool) => Sink::Postgres(PgSink {
+                pool: pool.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }),
+        };
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(LedgerStats::default());
         let gather = match sync {
@@ -179,30 +187,16 @@ impl SqliteSink {
     /// up per subject and UTC day.
     pub fn write(&mut self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), rusqlite::Error> {
         let tx = self.conn.transaction()?;
-        let mut rollup: std::collections::HashMap<(&str, u64), sluice_core::Amounts> =
-            std::collections::HashMap::new();
         {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
-            let mut subjects = String::new();
             for row in rows {
-                subjects.clear();
-                subjects.push('[');
-                for (i, s) in row.subjects.iter().enumerate() {
-                    if i > 0 {
-                        subjects.push(',');
-                    }
-                    // Subjects hold no quotes, backslashes or control characters.
-                    subjects.push('"');
-                    subjects.push_str(s);
-                    subjects.push('"');
-                }
-                subjects.push(']');
+                let subjects = subjects_json(&row.subjects);
                 let a = &row.amounts;
                 insert.execute(rusqlite::params![
                     i64_of(row.ts_ns),
                     row.kind.name(),
                     row.reservation.as_deref(),
-                    subjects.as_str(),
+                    subjects,
                     i64_of(a.get(Metric::Requests)),
                     i64_of(a.get(Metric::Tokens)),
                     i64_of(a.get(Metric::InputTokens)),
@@ -214,20 +208,9 @@ impl SqliteSink {
                     row.request_id.as_deref(),
                     row.detail.as_deref(),
                 ])?;
-                if row.kind.is_spend() && row.amounts != sluice_core::Amounts::ZERO {
-                    let day = row.ts_ns / 86_400_000_000_000;
-                    for s in &row.subjects {
-                        let sum = rollup
-                            .entry((s.as_str(), day))
-                            .or_insert(sluice_core::Amounts::ZERO);
-                        for m in Metric::ALL {
-                            sum.set(m, sum.get(m).saturating_add(row.amounts.get(m)));
-                        }
-                    }
-                }
             }
             let mut upsert = tx.prepare_cached(UPSERT_SPEND)?;
-            for ((subject, day), a) in &rollup {
+            for ((subject, day), a) in &rollup(rows) {
                 upsert.execute(rusqlite::params![
                     subject,
                     crate::db::utc_day(day * 86_400_000_000_000),
@@ -254,8 +237,152 @@ impl SqliteSink {
     }
 }
 
+/// Where the writer writes.
+#[derive(Debug)]
+enum Sink {
+    Sqlite(SqliteSink),
+    Postgres(PgSink),
+}
+
+impl Sink {
+    fn write(&mut self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), String> {
+        match self {
+            Sink::Sqlite(s) => s.write(rows, idem).map_err(|e| e.to_string()),
+            Sink::Postgres(s) => s.write(rows, idem).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Writes ledger batches to PostgreSQL: one transaction per batch, the rows
+/// in one `INSERT ... SELECT FROM UNNEST` (one round trip however many).
+#[derive(Debug)]
+pub struct PgSink {
+    pool: sqlx::PgPool,
+    runtime: tokio::runtime::Handle,
+}
+
+const PG_INSERT_ROWS: &str = "INSERT INTO ledger (ts_ns, kind, reservation, subjects, requests, tokens, \
+    input_tokens, output_tokens, cost_micros, held, reserved_ns, caller, request_id, detail) \
+    SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], \
+    $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[])";
+
+impl PgSink {
+    fn write(&mut self, rows: &[LedgerRow], idem: &[IdemRow]) -> Result<(), sqlx::Error> {
+        let col =
+            |m: Metric| -> Vec<i64> { rows.iter().map(|r| i64_of(r.amounts.get(m))).collect() };
+        let ts: Vec<i64> = rows.iter().map(|r| i64_of(r.ts_ns)).collect();
+        let kind: Vec<&str> = rows.iter().map(|r| r.kind.name()).collect();
+        let reservation: Vec<Option<&str>> =
+            rows.iter().map(|r| r.reservation.as_deref()).collect();
+        let subjects: Vec<String> = rows.iter().map(|r| subjects_json(&r.subjects)).collect();
+        let held: Vec<Option<String>> = rows
+            .iter()
+            .map(|r| r.held.as_ref().map(crate::db::amounts_text))
+            .collect();
+        let reserved: Vec<Option<i64>> = rows.iter().map(|r| r.reserved_ns.map(i64_of)).collect();
+        let caller: Vec<&str> = rows.iter().map(|r| r.caller.as_str()).collect();
+        let request_id: Vec<Option<&str>> = rows.iter().map(|r| r.request_id.as_deref()).collect();
+        let detail: Vec<Option<&str>> = rows.iter().map(|r| r.detail.as_deref()).collect();
+        let rollup = rollup(rows);
+        self.runtime.block_on(async {
+            let mut tx = self.pool.begin().await?;
+            if !rows.is_empty() {
+                sqlx::query(PG_INSERT_ROWS)
+                    .bind(&ts)
+                    .bind(&kind)
+                    .bind(&reservation)
+                    .bind(&subjects)
+                    .bind(col(Metric::Requests))
+                    .bind(col(Metric::Tokens))
+                    .bind(col(Metric::InputTokens))
+                    .bind(col(Metric::OutputTokens))
+                    .bind(col(Metric::CostUsd))
+                    .bind(&held)
+                    .bind(&reserved)
+                    .bind(&caller)
+                    .bind(&request_id)
+                    .bind(&detail)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for ((subject, day), a) in &rollup {
+                sqlx::query(UPSERT_SPEND_PG)
+                    .bind(*subject)
+                    .bind(crate::db::utc_day(day * 86_400_000_000_000))
+                    .bind(i64_of(a.get(Metric::Requests)))
+                    .bind(i64_of(a.get(Metric::Tokens)))
+                    .bind(i64_of(a.get(Metric::InputTokens)))
+                    .bind(i64_of(a.get(Metric::OutputTokens)))
+                    .bind(i64_of(a.get(Metric::CostUsd)))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for r in idem {
+                sqlx::query(
+                    "INSERT INTO idempotency (scope, created_ns, fingerprint, status, headers, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope) DO NOTHING",
+                )
+                .bind(&r.scope)
+                .bind(i64_of(r.created_ns))
+                .bind(&r.fingerprint)
+                .bind(i64::from(r.status))
+                .bind(&r.headers)
+                .bind(&r.body)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        })
+    }
+}
+
+const UPSERT_SPEND_PG: &str = "INSERT INTO spend_daily (subject, day, requests, tokens, input_tokens, \
+    output_tokens, cost_micros) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+    ON CONFLICT (subject, day) DO UPDATE SET \
+    requests = spend_daily.requests + excluded.requests, \
+    tokens = spend_daily.tokens + excluded.tokens, \
+    input_tokens = spend_daily.input_tokens + excluded.input_tokens, \
+    output_tokens = spend_daily.output_tokens + excluded.output_tokens, \
+    cost_micros = spend_daily.cost_micros + excluded.cost_micros";
+
+/// `["a","b"]`: subjects hold no quotes, backslashes or control characters.
+fn subjects_json(subjects: &[String]) -> String {
+    let mut out = String::with_capacity(2 + subjects.iter().map(|s| s.len() + 3).sum::<usize>());
+    out.push('[');
+    for (i, s) in subjects.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
+    out.push(']');
+    out
+}
+
+/// Spend rows summed per subject and UTC day (index since the epoch).
+fn rollup(rows: &[LedgerRow]) -> std::collections::HashMap<(&str, u64), sluice_core::Amounts> {
+    let mut rollup: std::collections::HashMap<(&str, u64), sluice_core::Amounts> =
+        std::collections::HashMap::new();
+    for row in rows {
+        if row.kind.is_spend() && row.amounts != sluice_core::Amounts::ZERO {
+            let day = row.ts_ns / 86_400_000_000_000;
+            for s in &row.subjects {
+                let sum = rollup
+                    .entry((s.as_str(), day))
+                    .or_insert(sluice_core::Amounts::ZERO);
+                for m in Metric::ALL {
+                    sum.set(m, sum.get(m).saturating_add(row.amounts.get(m)));
+                }
+            }
+        }
+    }
+    rollup
+}
+
 fn writer(
-    mut sink: SqliteSink,
+    mut sink: Sink,
     mut rx: mpsc::Receiver<Msg>,
     gather: Duration,
     stats: &LedgerStats,

@@ -71,6 +71,12 @@ pub struct Gauges {
     pub subjects: u64,
     /// Idempotent answers held.
     pub idempotency: u64,
+    /// Shared store calls that failed since start.
+    pub store_errors: u64,
+    /// Decisions made by the `on_store_error` fallback since start.
+    pub store_fallbacks: u64,
+    /// Decisions refused with 503 because the store failed since start.
+    pub store_denied: u64,
 }
 
 impl Metrics {
@@ -183,6 +189,24 @@ impl Metrics {
                 "Idempotent answers held.",
                 "gauge",
                 g.idempotency as f64,
+            ),
+            (
+                "sluice_store_errors_total",
+                "Calls to the shared limit store (Redis) that failed or timed out.",
+                "counter",
+                g.store_errors as f64,
+            ),
+            (
+                "sluice_store_fallback_decisions_total",
+                "Decisions made on this replica alone while the shared store failed (on_store_error allow or local).",
+                "counter",
+                g.store_fallbacks as f64,
+            ),
+            (
+                "sluice_store_denied_total",
+                "Decisions refused with 503 while the shared store failed (on_store_error deny).",
+                "counter",
+                g.store_denied as f64,
             ),
         ] {
             let _ = writeln!(

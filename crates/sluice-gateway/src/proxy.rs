@@ -392,7 +392,9 @@ fn settle_soon(
     request_id: Option<String>,
 ) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        tracing::error!("no runtime to settle {public}; its lease will settle it at the held amounts");
+        tracing::error!(
+            "no runtime to settle {public}; its lease will settle it at the held amounts"
+        );
         return;
     };
     let st = Arc::clone(st);
@@ -494,7 +496,11 @@ async fn reserve_for(
     };
     let reserved = match st
         .engine
-        .reserve(&Request::new(subjects.iter().cloned(), held), Some(lease), meta)
+        .reserve(
+            &Request::new(subjects.iter().cloned(), held),
+            Some(lease),
+            meta,
+        )
         .await
     {
         Ok(r) => r,
@@ -1025,7 +1031,13 @@ impl Drop for Abandoned {
     fn drop(&mut self) {
         let Some(public) = self.id.take() else { return };
         let detail = json!({"model": self.model, "abandoned": "the client went away before the upstream answered"});
-        settle_soon(&self.st, public, Some(self.held), Some(detail.to_string()), None);
+        settle_soon(
+            &self.st,
+            public,
+            Some(self.held),
+            Some(detail.to_string()),
+            None,
+        );
     }
 }
 

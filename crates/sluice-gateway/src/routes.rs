@@ -13,18 +13,18 @@ use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sluice_core::{
-    Amounts, Decision, Denial, DenialReason, LimitStatus, Request, Subject,
-    SubjectKind, Timestamp, Window, micros_to_usd,
+    Amounts, Decision, Denial, DenialReason, LimitStatus, Request, Subject, SubjectKind, Timestamp,
+    Window, micros_to_usd,
 };
 
 use crate::auth::{AgentKey, Caller, generate_key, hash_key, hex, random_hex};
 use crate::db::{IdemRow, KeyRow, LedgerRow, RowKind};
+use crate::engine::Settle;
 use crate::error::ApiError;
 use crate::idempotency::{self, Begin, Stored};
 use crate::json;
 use crate::metrics::{Endpoint, Gauges, Outcome};
 use crate::ratelimit;
-use crate::engine::Settle;
 use crate::reservations::Meta;
 use crate::server::{AppState, StoredPolicy};
 use crate::wire::{
@@ -186,6 +186,7 @@ async fn healthz() -> Response {
 
 async fn metrics(State(st): St) -> Response {
     let stats = &st.ledger.stats;
+    let store = st.engine.stats();
     let g = Gauges {
         outstanding: st.engine.outstanding().await.unwrap_or(0),
         ledger_pending: stats.pending.load(Ordering::Relaxed),
@@ -200,6 +201,9 @@ async fn metrics(State(st): St) -> Response {
         keys: st.keys.list().len() as u64,
         subjects: st.engine.subjects(),
         idempotency: st.idempotency.len() as u64,
+        store_errors: store.map_or(0, |s| s.errors.load(Ordering::Relaxed)),
+        store_fallbacks: store.map_or(0, |s| s.fallbacks.load(Ordering::Relaxed)),
+        store_denied: store.map_or(0, |s| s.denied.load(Ordering::Relaxed)),
     };
     (
         [(
@@ -1063,19 +1067,21 @@ async fn cost_policy_json(st: &AppState, subject: &Subject) -> Result<Value, Api
 }
 
 async fn mesh_get(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
-    result(async {
-        let caller = st.keys.authenticate(&headers)?;
-        let (subject, rest) = mesh_address(&uri)?;
-        if rest != "/policies/cost" {
-            return Err(ApiError::not_found(format!("no route for {}", uri.path())));
+    result(
+        async {
+            let caller = st.keys.authenticate(&headers)?;
+            let (subject, rest) = mesh_address(&uri)?;
+            if rest != "/policies/cost" {
+                return Err(ApiError::not_found(format!("no route for {}", uri.path())));
+            }
+            caller.require_subject(&subject, "address")?;
+            Ok(json::reply(
+                StatusCode::OK,
+                &cost_policy_json(&st, &subject).await?,
+            ))
         }
-        caller.require_subject(&subject, "address")?;
-        Ok(json::reply(
-            StatusCode::OK,
-            &cost_policy_json(&st, &subject).await?,
-        ))
-    }
-    .await)
+        .await,
+    )
 }
 
 async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {

@@ -9,8 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sluice_core::{
-    Amounts, CalendarUnit, Clock, Limiter, MemoryStore, Metric, Request, Subject, Timestamp,
-    Window,
+    Amounts, CalendarUnit, Clock, Limiter, MemoryStore, Metric, Request, Subject, Timestamp, Window,
 };
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -18,10 +17,10 @@ use tokio::task::JoinHandle;
 use crate::auth::{AgentKey, Keys, generate_key};
 use crate::config::Config;
 use crate::db::{Db, DbError, LedgerRow, RowKind};
+use crate::engine::Engine;
 use crate::idempotency::Idempotency;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::engine::Engine;
 use crate::wire::{Action, PolicyBody};
 
 /// A shared clock (the system clock in service, a manual one in tests).
@@ -211,7 +210,10 @@ impl Gateway {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| io_err("cannot create data directory", &config.data_dir, e))?;
         let (key, admin_key_source) = admin_key(&config)?;
-        let db = Db::open(&config.data_dir, config.ledger_sync).await?;
+        let db = match &config.database_url {
+            Some(url) => Db::open_postgres(url).await?,
+            None => Db::open(&config.data_dir, config.ledger_sync).await?,
+        };
         let engine = Engine::new(
             &config.store,
             &clock,
@@ -221,48 +223,16 @@ impl Gateway {
         .map_err(StartError::Io)?;
         let keys = Keys::new(&key);
         for k in db.keys().await? {
-            let Ok(subject) = Subject::parse(&k.subject) else {
-                tracing::warn!(
-                    "key {} has an unparseable subject {:?}; skipped",
-                    k.id,
-                    k.subject
-                );
-                continue;
-            };
-            keys.insert(
-                &k.hash,
-                AgentKey {
-                    id: k.id,
-                    subject,
-                    name: k.name,
-                    prefix: k.prefix,
-                    created_ns: k.created_ns,
-                },
-            );
+            if let Some((hash, agent)) = agent_key(k) {
+                keys.insert(&hash, agent);
+            }
         }
         let mut policies = BTreeMap::new();
         for (subject, body, updated_ns) in db.policies().await? {
-            let parsed = Subject::parse(&subject).ok().zip(
-                serde_json::from_str::<PolicyBody>(&body)
-                    .ok()
-                    .and_then(|b| b.to_policy().ok().map(|p| (b, p))),
-            );
-            let Some((s, (body, (policy, action)))) = parsed else {
-                tracing::warn!("stored policy for {subject:?} no longer parses; skipped");
-                continue;
-            };
-            let checked = Arc::new(policy.clone());
-            engine.set_policy(&s, policy);
-            let policy = checked;
-            policies.insert(
-                subject,
-                StoredPolicy {
-                    body,
-                    action,
-                    policy,
-                    updated_ns,
-                },
-            );
+            if let Some((s, stored, policy)) = stored_policy(&subject, &body, updated_ns) {
+                engine.set_policy(&s, policy);
+                policies.insert(subject, stored);
+            }
         }
         // The providers' quotas from sluice.toml (rolling minutes).
         for (subject, quota) in &config.proxy.quotas {
@@ -284,6 +254,7 @@ impl Gateway {
             engine.set_policy(&s, policy);
         }
         let ledger = Ledger::start(
+            &db,
             &Db::path(&config.data_dir),
             config.ledger_sync,
             config.ledger_batch,
@@ -324,10 +295,16 @@ impl Gateway {
         });
         crate::proxy::warm_tokenizers(&state.config.proxy.models);
         let recovery = replay(&state).await?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(expire_leases(Arc::clone(&state))),
             tokio::spawn(prune(Arc::clone(&state))),
         ];
+        if let crate::db::Pool::Postgres(pool) = state.db.pool() {
+            tasks.push(tokio::spawn(follow_changes(
+                Arc::clone(&state),
+                pool.clone(),
+            )));
+        }
         Ok(Gateway {
             state,
             admin_key_source,
@@ -373,6 +350,141 @@ impl Gateway {
         settle_expired(&self.state).await;
         self.state.ledger.flush().await;
         self.state.db.close().await;
+    }
+}
+
+/// A stored key as the authenticator holds it (its hex hash beside it).
+fn agent_key(k: crate::db::KeyRow) -> Option<(String, AgentKey)> {
+    let Ok(subject) = Subject::parse(&k.subject) else {
+        tracing::warn!(
+            "key {} has an unparseable subject {:?}; skipped",
+            k.id,
+            k.subject
+        );
+        return None;
+    };
+    Some((
+        k.hash,
+        AgentKey {
+            id: k.id,
+            subject,
+            name: k.name,
+            prefix: k.prefix,
+            created_ns: k.created_ns,
+        },
+    ))
+}
+
+/// A stored policy, checked: its subject, what the gateway keeps, the engine's copy.
+fn stored_policy(
+    subject: &str,
+    body: &str,
+    updated_ns: u64,
+) -> Option<(Subject, StoredPolicy, sluice_core::Policy)> {
+    let parsed = Subject::parse(subject).ok().zip(
+        serde_json::from_str::<PolicyBody>(body)
+            .ok()
+            .and_then(|b| b.to_policy().ok().map(|p| (b, p))),
+    );
+    let Some((s, (body, (policy, action)))) = parsed else {
+        tracing::warn!("stored policy for {subject:?} no longer parses; skipped");
+        return None;
+    };
+    let stored = StoredPolicy {
+        body,
+        action,
+        policy: Arc::new(policy.clone()),
+        updated_ns,
+    };
+    Some((s, stored, policy))
+}
+
+/// Bring this replica's policies and keys in line with the database, after
+/// another replica changed them.
+pub async fn reload(state: &AppState) -> Result<(), DbError> {
+    let _write = state.policy_write.lock().await;
+    let rows = state.db.keys().await?;
+    let live: std::collections::HashSet<String> = rows.iter().map(|k| k.id.clone()).collect();
+    let known: std::collections::HashSet<String> =
+        state.keys.list().iter().map(|k| k.id.clone()).collect();
+    for k in rows {
+        if !known.contains(&k.id) {
+            if let Some((hash, agent)) = agent_key(k) {
+                state.keys.insert(&hash, agent);
+            }
+        }
+    }
+    for id in known.difference(&live) {
+        state.keys.remove(id);
+    }
+    let rows = state.db.policies().await?;
+    let present: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let gone: Vec<String> = state
+        .policies
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .keys()
+        .filter(|k| !present.contains(k.as_str()))
+        .cloned()
+        .collect();
+    for subject in gone {
+        if let Ok(s) = Subject::parse(&subject) {
+            state.engine.remove_policy(&s);
+        }
+        state
+            .policies
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&subject);
+    }
+    for (subject, body, updated_ns) in &rows {
+        let same = state
+            .policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(subject)
+            .is_some_and(|p| p.updated_ns == *updated_ns);
+        if same {
+            continue;
+        }
+        if let Some((s, stored, policy)) = stored_policy(subject, body, *updated_ns) {
+            state.engine.set_policy(&s, policy);
+            state
+                .policies
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(subject.clone(), stored);
+        }
+    }
+    Ok(())
+}
+
+/// Follow other replicas' policy and key changes (PostgreSQL `LISTEN`):
+/// reload on each notice, and after every (re)connection, when notices may
+/// have been missed.
+async fn follow_changes(state: Arc<AppState>, pool: sqlx::PgPool) {
+    use sqlx::postgres::PgListener;
+    loop {
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => match listener.listen(crate::db::CHANGES_CHANNEL).await {
+                Ok(()) => loop {
+                    if let Err(e) = reload(&state).await {
+                        tracing::warn!("reloading policies and keys: {e}");
+                    }
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break, // connection lost: reconnect, then reload
+                        Err(e) => {
+                            tracing::warn!("listening for policy changes: {e}");
+                            break;
+                        }
+                    }
+                },
+                Err(e) => tracing::warn!("listening for policy changes: {e}"),
+            },
+            Err(e) => tracing::warn!("listening for policy changes: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -1,0 +1,710 @@
+//! Scale-out: real `sluice serve` replicas sharing one Redis (limits) and
+//! one PostgreSQL (policies, keys, ledger). Each test has its own Redis key
+//! prefix and its own PostgreSQL database, so tests run in parallel. Skipped,
+//! with a notice, unless SLUICE_TEST_REDIS_URL and SLUICE_TEST_DATABASE_URL
+//! are set (`.ci/run` sets both and fails if the servers are unreachable).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{Serve, TempDir};
+
+const ADMIN: &str = "scaleout-admin-key-0123456789";
+
+struct Services {
+    redis: String,
+    postgres: String,
+}
+
+fn services(test: &str) -> Option<Services> {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (
+        get("SLUICE_TEST_REDIS_URL"),
+        get("SLUICE_TEST_DATABASE_URL"),
+    ) {
+        (Some(redis), Some(postgres)) => Some(Services { redis, postgres }),
+        _ => {
+            eprintln!(
+                "NOTICE: SLUICE_TEST_REDIS_URL and SLUICE_TEST_DATABASE_URL are not both set; skipping {test}"
+            );
+            None
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A database of its own on the test server, dropped at the end.
+struct Database {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn unique(test: &str) -> String {
+    format!(
+        "{test}_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Database {
+    fn create(admin_url: &str, test: &str) -> Database {
+        let name = format!("sluice_test_{}", unique(test));
+        let rt = rt();
+        rt.block_on(async {
+            let pool = sqlx::PgPool::connect(admin_url).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        });
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url, |(base, _)| base);
+        Database {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    /// Run a query returning one i64.
+    fn scalar(&self, sql: &str) -> i64 {
+        rt().block_on(async {
+            let pool = sqlx::PgPool::connect(&self.url).await.unwrap();
+            let v: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            v
+        })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin_url.clone(), self.name.clone());
+        rt().block_on(async move {
+            if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&pool)
+                    .await;
+                pool.close().await;
+            }
+        });
+    }
+}
+
+/// A replica's directory and config.
+fn replica_dir(redis: &str, prefix: &str, db: &str, extra: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new("scaleout");
+    let config = dir.0.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "lease_check_ms = 100\n{extra}\n[store]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{prefix}\"\n\n[database]\nurl = \"{db}\"\n"
+        ),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+fn start(dir: &Path, config: &Path) -> Serve {
+    Serve::start(
+        dir,
+        &["--data-dir", "data", "--config", config.to_str().unwrap()],
+        &[("SLUICE_ADMIN_KEY", ADMIN)],
+    )
+}
+
+async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = http.request(method, url).bearer_auth(ADMIN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let v = resp.json::<Value>().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+fn cleanup_redis(redis: &str, prefix: &str) {
+    let _ = Command::new("redis-cli")
+        .args(["-u", redis, "--scan", "--pattern", &format!("{prefix}*")])
+        .output()
+        .map(|out| {
+            let keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            if !keys.is_empty() {
+                let _ = Command::new("redis-cli")
+                    .args(["-u", redis, "del"])
+                    .args(&keys)
+                    .output();
+            }
+        });
+}
+
+/// Three replicas, one Redis, one PostgreSQL: 2,000 concurrent checks spread
+/// across them against 200 per hour admit exactly 200; concurrent
+/// reservations against a $2 daily budget never overspend it; the ledger in
+/// PostgreSQL adds up to the usage Redis reports.
+#[test]
+fn three_replicas_share_exact_limits() {
+    let Some(svc) = services("three_replicas_share_exact_limits") else {
+        return;
+    };
+    let db = Database::create(&svc.postgres, "three");
+    let prefix = format!("sluice-test:{}:", unique("three"));
+    let dirs: Vec<(TempDir, PathBuf)> = (0..3)
+        .map(|_| replica_dir(&svc.redis, &prefix, &db.url, ""))
+        .collect();
+    let first = start(&dirs[0].0.0, &dirs[0].1);
+    let rt = rt();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        for (subject, limit) in [
+            (
+                "user:alice",
+                json!({"metric": "requests", "limit": 200, "window": "1h"}),
+            ),
+            (
+                "team:budget",
+                json!({"metric": "cost_usd", "limit": 2.0, "window": "day"}),
+            ),
+        ] {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::PUT,
+                &format!("{}/v1/policies/{subject}", first.url),
+                Some(json!({ "limits": [limit] })),
+            )
+            .await;
+            assert!(status < 300, "{status} {body}");
+        }
+    });
+    let replicas = vec![
+        first,
+        start(&dirs[1].0.0, &dirs[1].1),
+        start(&dirs[2].0.0, &dirs[2].1),
+    ];
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let (admitted, committed_micros) = rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap();
+        // 2,000 checks, 64 at a time, round-robin over the replicas.
+        let admitted = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let (http, urls, admitted, next) =
+                (http.clone(), urls.clone(), admitted.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= 2_000 {
+                        break;
+                    }
+                    let url = &urls[(i % 3) as usize];
+                    let (status, body) = send(
+                        &http,
+                        reqwest::Method::POST,
+                        &format!("{url}/v1/check"),
+                        Some(json!({"subjects": ["user:alice"]})),
+                    )
+                    .await;
+                    match status {
+                        200 => {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        429 => {}
+                        other => panic!("check answered {other}: {body}"),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // 300 reservations of up to $0.02 each against $2/day, committed at
+        // what they "really" cost (0 to the held amount).
+        let committed = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (http, urls, committed, next) =
+                (http.clone(), urls.clone(), committed.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= 300 {
+                        break;
+                    }
+                    let url = &urls[(i % 3) as usize];
+                    let (status, body) = send(
+                        &http,
+                        reqwest::Method::POST,
+                        &format!("{url}/v1/reserve"),
+                        Some(json!({"subjects": ["team:budget"], "amounts": {"cost_usd": 0.02}})),
+                    )
+                    .await;
+                    if status == 429 {
+                        continue;
+                    }
+                    assert_eq!(status, 200, "{body}");
+                    let id = body["reservation_id"].as_str().unwrap().to_owned();
+                    let actual_micros = (i * 7_919) % 20_001;
+                    // Settled through another replica than the one that reserved.
+                    let other = &urls[((i + 1) % 3) as usize];
+                    let (status, body) = send(
+                        &http,
+                        reqwest::Method::POST,
+                        &format!("{other}/v1/reservations/{id}/commit"),
+                        Some(json!({"amounts": {"cost_usd": actual_micros as f64 / 1e6}})),
+                    )
+                    .await;
+                    assert_eq!(status, 200, "{body}");
+                    committed.fetch_add(actual_micros, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        (
+            admitted.load(Ordering::Relaxed),
+            committed.load(Ordering::Relaxed),
+        )
+    });
+    assert_eq!(
+        admitted, 200,
+        "exactly the limit is admitted across replicas"
+    );
+    assert!(
+        committed_micros <= 2_000_000,
+        "the budget was overspent: {committed_micros} µ$"
+    );
+    // Usage as Redis reports it, through any replica.
+    let (alice, budget) = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let (_, a) = send(
+            &http,
+            reqwest::Method::GET,
+            &format!("{}/v1/usage/user:alice", urls[2]),
+            None,
+        )
+        .await;
+        let (_, b) = send(
+            &http,
+            reqwest::Method::GET,
+            &format!("{}/v1/usage/team:budget", urls[1]),
+            None,
+        )
+        .await;
+        (a, b)
+    });
+    assert_eq!(alice["limits"][0]["used"], json!(200), "{alice}");
+    let used_usd = budget["limits"][0]["used"].as_f64().unwrap();
+    assert_eq!(
+        (used_usd * 1e6).round() as u64,
+        committed_micros,
+        "{budget}"
+    );
+    // Stop the replicas (flushing their ledgers), then add the ledger up.
+    for r in replicas {
+        let (status, _) = r.terminate();
+        assert!(status.success());
+    }
+    let ledger_requests = db.scalar(
+        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM ledger WHERE kind = 'check' AND subjects LIKE '%user:alice%'",
+    );
+    assert_eq!(ledger_requests, 200);
+    let ledger_cost = db.scalar(
+        "SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM ledger WHERE kind = 'commit' AND subjects LIKE '%team:budget%'",
+    );
+    assert_eq!(ledger_cost as u64, committed_micros);
+    cleanup_redis(&svc.redis, &prefix);
+}
+
+/// A policy changed through one replica is enforced by another without a
+/// restart (PostgreSQL NOTIFY); the delay is printed, not asserted.
+#[test]
+fn policy_change_reaches_other_replicas() {
+    let Some(svc) = services("policy_change_reaches_other_replicas") else {
+        return;
+    };
+    let db = Database::create(&svc.postgres, "policy");
+    let prefix = format!("sluice-test:{}:", unique("policy"));
+    let (da, ca) = replica_dir(&svc.redis, &prefix, &db.url, "");
+    let (dbb, cb) = replica_dir(&svc.redis, &prefix, &db.url, "");
+    let a = start(&da.0, &ca);
+    let b = start(&dbb.0, &cb);
+    let rt = rt();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let check = |url: String| {
+            let http = http.clone();
+            async move {
+                send(
+                    &http,
+                    reqwest::Method::POST,
+                    &format!("{url}/v1/check"),
+                    Some(json!({"subjects": ["session:s1"]})),
+                )
+                .await
+                .0
+            }
+        };
+        // No policy yet: B admits freely.
+        for _ in 0..3 {
+            assert_eq!(check(b.url.clone()).await, 200);
+        }
+        let (status, _) = send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{}/v1/policies/session:s1", a.url),
+            Some(json!({"limits": [{"metric": "requests", "limit": 1, "window": "1h"}]})),
+        )
+        .await;
+        assert_eq!(status, 201);
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "reports the propagation delay; nothing asserts on it"
+        )]
+        let clock = std::time::Instant::now();
+        // Bounded wait: B refuses once it knows the policy (3 used > 1).
+        let mut refused = false;
+        for _ in 0..200 {
+            if check(b.url.clone()).await == 429 {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(refused, "replica B never enforced the policy set through A");
+        eprintln!(
+            "policy in force on the other replica after {:?}",
+            clock.elapsed()
+        );
+        // A new agent key made on A authenticates on B.
+        let (status, key) = send(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/v1/keys", a.url),
+            Some(json!({"subject": "agent://acme/prod/x", "name": "x"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{key}");
+        let secret = key["key"].as_str().unwrap().to_owned();
+        let mut ok = false;
+        for _ in 0..200 {
+            let s = http
+                .post(format!("{}/v1/check", b.url))
+                .bearer_auth(&secret)
+                .json(&json!({"subjects": ["agent://acme/prod/x"]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            if s == 200 {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(ok, "a key made on A never authenticated on B");
+    });
+    drop((a, b));
+    cleanup_redis(&svc.redis, &prefix);
+}
+
+/// A replica killed with SIGKILL while holding reservations leaks nothing:
+/// their leases run out in Redis, another replica settles them (one `expire`
+/// ledger row each, at the held amounts) and the limit stays exact.
+#[test]
+fn killed_replica_leases_expire_and_settle() {
+    let Some(svc) = services("killed_replica_leases_expire_and_settle") else {
+        return;
+    };
+    let db = Database::create(&svc.postgres, "killed");
+    let prefix = format!("sluice-test:{}:", unique("killed"));
+    // Every row durable before its answer: what a SIGKILL can lose is then nothing.
+    let (da, ca) = replica_dir(&svc.redis, &prefix, &db.url, "ledger_sync = \"always\"");
+    let (dbb, cb) = replica_dir(&svc.redis, &prefix, &db.url, "");
+    let a = start(&da.0, &ca);
+    let b = start(&dbb.0, &cb);
+    let rt = rt();
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let (status, _) = send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{a_url}/v1/policies/key:shared"),
+            Some(json!({"limits": [{"metric": "requests", "limit": 10, "window": "1h"}]})),
+        )
+        .await;
+        assert_eq!(status, 201);
+        for _ in 0..4 {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{a_url}/v1/reserve"),
+                Some(json!({"subjects": ["key:shared"], "lease_s": 1.5})),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    });
+    a.kill9();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        // Bounded wait for B's expiry pass to settle A's leases.
+        let mut outstanding = u64::MAX;
+        for _ in 0..100 {
+            let text = http
+                .get(format!("{b_url}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            outstanding = text
+                .lines()
+                .find_map(|l| l.strip_prefix("sluice_reservations_outstanding "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map_or(u64::MAX, |v| v as u64);
+            if outstanding == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            outstanding, 0,
+            "the killed replica's leases were never settled"
+        );
+        // Held amounts count as spent: 6 of 10 left, exactly.
+        let mut admitted = 0;
+        for _ in 0..10 {
+            let (status, _) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{b_url}/v1/check"),
+                Some(json!({"subjects": ["key:shared"]})),
+            )
+            .await;
+            if status == 200 {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 6);
+    });
+    let (status, _) = b.terminate();
+    assert!(status.success());
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM ledger WHERE kind = 'expire'"),
+        4
+    );
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM ledger WHERE kind = 'reserve'"),
+        4
+    );
+    cleanup_redis(&svc.redis, &prefix);
+}
+
+/// A private Redis on a free port, for tests that stop it.
+struct PrivateRedis {
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> PrivateRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (needed for this test) did not start");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PrivateRedis { child: Some(child) }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Redis stopped and restarted under load: `deny` answers 503 while it is
+/// down, `local` decides on the replica alone at limit ÷ replicas; both
+/// resume shared decisions by themselves when it is back; nothing panics.
+#[test]
+fn redis_outage_follows_on_store_error() {
+    let Some(svc) = services("redis_outage_follows_on_store_error") else {
+        return;
+    };
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "NOTICE: redis-server not installed; skipping redis_outage_follows_on_store_error"
+        );
+        return;
+    }
+    let db = Database::create(&svc.postgres, "outage");
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let prefix = "sluice-test:outage:";
+    let (dd, cd) = replica_dir(&url, prefix, &db.url, "");
+    let (dl, cl) = {
+        let dir = TempDir::new("scaleout");
+        let config = dir.0.join("sluice.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[store]\nkind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\non_store_error = \"local\"\nreplicas = 2\ntimeout_ms = 200\n\n[database]\nurl = \"{}\"\n",
+                db.url
+            ),
+        )
+        .unwrap();
+        (dir, config)
+    };
+    let deny = start(&dd.0, &cd);
+    let local = start(&dl.0, &cl);
+    let rt = rt();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let (status, _) = send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{}/v1/policies/user:bob", deny.url),
+            Some(json!({"limits": [{"metric": "requests", "limit": 10, "window": "1h"}]})),
+        )
+        .await;
+        assert_eq!(status, 201);
+        // Let the local replica learn the policy.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let check = |url: String| {
+            let http = http.clone();
+            async move {
+                send(
+                    &http,
+                    reqwest::Method::POST,
+                    &format!("{url}/v1/check"),
+                    Some(json!({"subjects": ["user:bob"]})),
+                )
+                .await
+            }
+        };
+        assert_eq!(check(deny.url.clone()).await.0, 200);
+        assert_eq!(check(local.url.clone()).await.0, 200);
+        redis.stop();
+        let (status, body) = check(deny.url.clone()).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["type"], "store_unavailable");
+        // local: 10 ÷ 2 replicas = 5 on this replica alone, then refused.
+        let mut local_ok = 0;
+        for _ in 0..8 {
+            let (status, body) = check(local.url.clone()).await;
+            match status {
+                200 => local_ok += 1,
+                429 => {}
+                other => panic!("local fallback answered {other}: {body}"),
+            }
+        }
+        assert_eq!(local_ok, 5);
+        let metrics = http
+            .get(format!("{}/metrics", deny.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("sluice_store_denied_total ") && !l.ends_with(" 0")),
+            "{metrics}"
+        );
+        // Back (empty: this Redis keeps nothing on disk): shared decisions
+        // resume without a restart.
+        let _redis = PrivateRedis::start(port);
+        let mut resumed = false;
+        for _ in 0..100 {
+            if check(deny.url.clone()).await.0 == 200 {
+                resumed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(resumed, "decisions never resumed after Redis came back");
+        std::mem::forget(_redis); // stopped below, after the replicas
+    });
+    for r in [deny, local] {
+        let (status, _) = r.terminate();
+        assert!(status.success(), "a replica exited badly after the outage");
+    }
+    let _ = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "shutdown", "nosave"])
+        .output();
+}
