@@ -78,6 +78,111 @@ pub struct FileConfig {
     /// Where durable state lives: `[database]`.
     #[serde(default)]
     pub database: DatabaseDef,
+    /// Early warnings: `[alerts]`.
+    #[serde(default)]
+    pub alerts: AlertsDef,
+}
+
+/// `[alerts]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsDef {
+    /// `[[alerts.webhooks]]`.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookDef>,
+}
+
+/// One `[[alerts.webhooks]]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookDef {
+    /// Where to POST.
+    pub url: String,
+    /// `"json"` (default) or `"slack"` (a Slack-compatible `{"text"}` body).
+    pub format: Option<String>,
+    /// The shared secret for the `x-sluice-signature` HMAC-SHA256 header.
+    pub secret: Option<String>,
+    /// Or the environment variable holding it.
+    pub secret_env: Option<String>,
+}
+
+/// A checked webhook.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// Where to POST.
+    pub url: String,
+    /// A Slack-compatible body.
+    pub slack: bool,
+    /// HMAC-SHA256 key for `x-sluice-signature`.
+    pub secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &redact(&self.url))
+            .field("slack", &self.slack)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+fn resolve_webhooks(
+    def: &AlertsDef,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Webhook>, ConfigError> {
+    def.webhooks
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let key = |k: &str| format!("alerts.webhooks[{i}].{k}");
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+                || reqwest::Url::parse(&w.url).is_err()
+            {
+                return Err(ConfigError::new(
+                    &key("url"),
+                    format!(
+                        "expected an http:// or https:// URL, got {:?}",
+                        redact(&w.url)
+                    ),
+                ));
+            }
+            let slack = match w.format.as_deref() {
+                None | Some("json") => false,
+                Some("slack") => true,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        &key("format"),
+                        format!("expected \"json\" or \"slack\", got {other:?}"),
+                    ));
+                }
+            };
+            let secret = match (&w.secret, &w.secret_env) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        &key("secret"),
+                        "set secret or secret_env, not both",
+                    ));
+                }
+                (Some(s), None) => Some(s.clone()),
+                (None, Some(var)) => Some(env(var).ok_or_else(|| {
+                    ConfigError::new(&key("secret_env"), format!("{var} is not set"))
+                })?),
+                (None, None) => None,
+            };
+            if secret.as_ref().is_some_and(|s| s.len() < 16) {
+                return Err(ConfigError::new(
+                    &key("secret"),
+                    "must be at least 16 characters",
+                ));
+            }
+            Ok(Webhook {
+                url: w.url.clone(),
+                slack,
+                secret: secret.map(String::into_bytes),
+            })
+        })
+        .collect()
 }
 
 /// `[store]` as written.
@@ -88,6 +193,8 @@ pub struct StoreDef {
     pub kind: Option<String>,
     /// `redis://` or `rediss://` URL (`SLUICE_REDIS_URL`).
     pub url: Option<String>,
+    /// TLS: a PEM file of the CA certificates to trust (a private CA).
+    pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every key (default `"sluice:"`).
     pub key_prefix: Option<String>,
     /// `"deny"` (default), `"allow"` or `"local"`.
@@ -134,6 +241,8 @@ pub enum StoreConfig {
         timeout: Duration,
         /// Replicas (for `local`).
         replicas: u32,
+        /// TLS: PEM certificates to trust instead of the default roots.
+        tls_ca: Option<Vec<u8>>,
     },
 }
 
@@ -153,15 +262,43 @@ fn resolve_store(
                         "kind = \"redis\" needs a url (or SLUICE_REDIS_URL)",
                     )
                 })?;
-            if !(url.starts_with("redis://") || url.starts_with("valkey://")) {
+            let tls = url.starts_with("rediss://") || url.starts_with("valkeys://");
+            if !(tls || url.starts_with("redis://") || url.starts_with("valkey://"))
+                || url.contains(',')
+                || url.contains(char::is_whitespace)
+            {
                 return Err(ConfigError::new(
                     "store.url",
                     format!(
-                        "expected a redis:// URL, got {:?} (rediss:// and cluster node lists are not supported yet)",
+                        "expected a redis:// or rediss:// URL, got {:?} (cluster node lists are not supported yet)",
                         redact(&url)
                     ),
                 ));
             }
+            let tls_ca = match &def.tls_ca_file {
+                None => None,
+                Some(_) if !tls => {
+                    return Err(ConfigError::new(
+                        "store.tls_ca_file",
+                        "only applies to a rediss:// (TLS) url",
+                    ));
+                }
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        ConfigError::new(
+                            "store.tls_ca_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                        return Err(ConfigError::new(
+                            "store.tls_ca_file",
+                            format!("{} holds no PEM certificate", path.display()),
+                        ));
+                    }
+                    Some(pem)
+                }
+            };
             let key_prefix = def
                 .key_prefix
                 .clone()
@@ -207,6 +344,7 @@ fn resolve_store(
                 on_error,
                 timeout: Duration::from_millis(timeout_ms),
                 replicas,
+                tls_ca,
             })
         }
         other => Err(ConfigError::new(
@@ -673,6 +811,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// PostgreSQL URL; `None`: SQLite in the data directory.
     pub database_url: Option<String>,
+    /// Where early warnings are sent.
+    pub webhooks: Vec<Webhook>,
 }
 
 impl Default for Config {
@@ -691,6 +831,7 @@ impl Default for Config {
             proxy: Proxy::default(),
             store: StoreConfig::Memory,
             database_url: None,
+            webhooks: Vec::new(),
         })
     }
 }
@@ -813,6 +954,7 @@ impl Config {
         let env = |k: &str| over.env.get(k).filter(|v| !v.is_empty()).cloned();
         let store = resolve_store(&file.store, &env)?;
         let database_url = resolve_database(&file.database, &env)?;
+        let webhooks = resolve_webhooks(&file.alerts, &env)?;
         let admin_key = over.admin_key;
         if let Some(k) = &admin_key {
             if k.len() < 16 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -835,6 +977,7 @@ impl Config {
             proxy,
             store,
             database_url,
+            webhooks,
         })
     }
 
@@ -1007,6 +1150,80 @@ mod tests {
             let e = parse(&text).unwrap_err();
             assert_eq!(e.key, key, "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn store_and_database_errors_name_their_keys() {
+        let dir = std::env::temp_dir().join(format!("sluice-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let redis = |rest: &str| format!("[store]\nkind = \"redis\"\n{rest}");
+        for (text, key) in [
+            ("[store]\nkind = \"etcd\"".to_owned(), "store.kind"),
+            (redis(""), "store.url"),
+            (redis("url = \"http://127.0.0.1:6379\""), "store.url"),
+            (redis("url = \"redis://a:1,redis://b:2\""), "store.url"),
+            (
+                redis("url = \"redis://h\"\ntls_ca_file = \"/etc/hosts\""),
+                "store.tls_ca_file",
+            ),
+            (
+                redis("url = \"rediss://h\"\ntls_ca_file = \"/nonexistent/ca.pem\""),
+                "store.tls_ca_file",
+            ),
+            (
+                redis(&format!(
+                    "url = \"rediss://h\"\ntls_ca_file = {:?}",
+                    not_pem.display().to_string()
+                )),
+                "store.tls_ca_file",
+            ),
+            (
+                redis("url = \"redis://h\"\nkey_prefix = \"a{b}\""),
+                "store.key_prefix",
+            ),
+            (
+                redis("url = \"redis://h\"\non_store_error = \"panic\""),
+                "store.on_store_error",
+            ),
+            (
+                redis("url = \"redis://h\"\ntimeout_ms = 0"),
+                "store.timeout_ms",
+            ),
+            (redis("url = \"redis://h\"\nreplicas = 0"), "store.replicas"),
+            (
+                "[database]\nurl = \"mysql://h/db\"".to_owned(),
+                "database.url",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+        let ok = parse(&redis(
+            "url = \"rediss://h:6380\"\ntls_ca_file = \"/etc/hosts\"",
+        ))
+        .unwrap_err();
+        assert_eq!(ok.key, "store.tls_ca_file", "no PEM in /etc/hosts");
+        let pem = dir.join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let c = parse(&redis(&format!(
+            "url = \"rediss://h:6380\"\ntls_ca_file = {:?}",
+            pem.display().to_string()
+        )))
+        .unwrap();
+        match c.store {
+            StoreConfig::Redis { url, tls_ca, .. } => {
+                assert_eq!(url, "rediss://h:6380");
+                assert!(tls_ca.is_some());
+            }
+            StoreConfig::Memory => panic!("not redis"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -81,7 +81,71 @@ const MIGRATIONS: &[(i64, &str)] = &[
     // The time index cost ~15% of each ledger insert; rows are appended in
     // time order, so replay finds its start by binary search on `seq` instead.
     (2, "DROP INDEX IF EXISTS ledger_ts;"),
+    // PostgreSQL's ledger writer marks each batch it writes, in the batch's
+    // transaction, so a retry after a commit whose answer was lost writes
+    // nothing twice.
+    (
+        3,
+        "CREATE TABLE ledger_batches (id TEXT PRIMARY KEY, ts_ns BIGINT NOT NULL);",
+    ),
+    // The kill switch: which agents an operator stopped, and the mesh's
+    // event log (kills and resumes; append-only).
+    (
+        4,
+        "CREATE TABLE agent_status (
+        subject TEXT PRIMARY KEY,
+        killed BIGINT NOT NULL,
+        changed_ns BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        reason TEXT
+    );
+    CREATE TABLE mesh_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ns BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        detail TEXT
+    );",
+    ),
+    // The audit trail: append-only; the API never updates or deletes a row.
+    (
+        5,
+        "CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ns BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX audit_subject ON audit (subject, seq);",
+    ),
+    // Early warnings: one row per (subject, limit, threshold, window), so
+    // replicas that see the same crossing raise it once; with its delivery.
+    (
+        6,
+        "CREATE TABLE alerts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ns BIGINT NOT NULL,
+        subject TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        win TEXT NOT NULL,
+        threshold_bp BIGINT NOT NULL,
+        window_key BIGINT NOT NULL,
+        used BIGINT NOT NULL,
+        lim BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        attempts BIGINT NOT NULL,
+        last_error TEXT,
+        delivered_ns BIGINT,
+        UNIQUE (subject, metric, win, threshold_bp, window_key)
+    );",
+    ),
 ];
+
+/// The schema version a migrated database is at.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// A migration's text for PostgreSQL: the same schema in its types.
 fn postgres_sql(sql: &str) -> String {
@@ -212,6 +276,131 @@ pub struct KeyRow {
     pub created_ns: u64,
 }
 
+/// An agent an operator stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Killed {
+    /// The agent's address.
+    pub subject: String,
+    /// When, ns.
+    pub since_ns: u64,
+    /// Who: `admin` or a key id.
+    pub actor: String,
+    /// Why, if said.
+    pub reason: Option<String>,
+}
+
+/// One entry of the mesh's event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshEvent {
+    /// Order of the log.
+    pub seq: i64,
+    /// When, ns.
+    pub ts_ns: u64,
+    /// `kill` or `resume`.
+    pub kind: String,
+    /// The agent.
+    pub subject: String,
+    /// Who.
+    pub actor: String,
+    /// JSON details.
+    pub detail: Option<String>,
+}
+
+/// An audit record to write: what happened to which subject, and who did it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// `policy.created`, `policy.changed`, `policy.deleted`, `key.created`,
+    /// `key.revoked`, `agent.killed`, `agent.resumed`, `breach`.
+    pub kind: &'static str,
+    /// The subject it concerns.
+    pub subject: String,
+    /// `admin`, a key id, or `sluice` (the gateway itself).
+    pub actor: String,
+    /// JSON details (old and new policy, key id, limit, ...).
+    pub detail: Option<String>,
+}
+
+/// A stored audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Order of the trail.
+    pub seq: i64,
+    /// When, ns.
+    pub ts_ns: u64,
+    /// What.
+    pub kind: String,
+    /// Which subject.
+    pub subject: String,
+    /// Who.
+    pub actor: String,
+    /// JSON details.
+    pub detail: Option<String>,
+}
+
+/// Which audit records to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only this subject.
+    pub subject: Option<String>,
+    /// Only this kind (`policy` matches every `policy.*`).
+    pub kind: Option<String>,
+    /// At or after, ns.
+    pub since_ns: Option<u64>,
+    /// Before, ns.
+    pub until_ns: Option<u64>,
+    /// After this record (paging).
+    pub after: i64,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// An early warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRow {
+    /// Its id (0 before it is stored).
+    pub seq: i64,
+    /// When the threshold was crossed, ns.
+    pub ts_ns: u64,
+    /// Whose limit.
+    pub subject: String,
+    /// Which metric.
+    pub metric: String,
+    /// Which window (`1h`, `day`).
+    pub window: String,
+    /// The threshold, in basis points of the limit (8000 = 80%).
+    pub threshold_bp: u32,
+    /// The window instance (fixed: its end, ns; rolling: now / W).
+    pub window_key: u64,
+    /// Used when crossed.
+    pub used: u64,
+    /// The limit.
+    pub limit: u64,
+    /// `pending`, `delivered`, `failed`, or `recorded` (no webhooks).
+    pub status: String,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// The last delivery error.
+    pub last_error: Option<String>,
+    /// When delivered, ns.
+    pub delivered_ns: Option<u64>,
+}
+
+/// `INSERT` of one audit record inside a transaction `$tx`.
+macro_rules! audit_insert {
+    ($tx:expr, $ts:expr, $a:expr) => {
+        sqlx::query(
+            "INSERT INTO audit (ts_ns, kind, subject, actor, detail) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(to_i64($ts))
+        .bind($a.kind)
+        .bind(&$a.subject)
+        .bind(&$a.actor)
+        .bind(&$a.detail)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
 /// Spend of a subject over a period.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Spend {
@@ -283,6 +472,44 @@ pub enum Pool {
     Postgres(PgPool),
 }
 
+/// Opening a transaction that will write.
+///
+/// On SQLite a plain `BEGIN` is deferred: a transaction that reads, then
+/// writes fails at once with `SQLITE_BUSY` (the busy timeout does not apply)
+/// when another connection, such as the ledger writer, wrote in between. Write
+/// transactions therefore take the write lock up front (`BEGIN IMMEDIATE`,
+/// which waits out the busy timeout instead).
+trait BeginWrite {
+    type Database: sqlx::Database;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>,
+    > + Send;
+}
+
+impl BeginWrite for SqlitePool {
+    type Database = sqlx::Sqlite;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error>,
+    > + Send {
+        self.begin_with("BEGIN IMMEDIATE")
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Database = sqlx::Postgres;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error>,
+    > + Send {
+        self.begin()
+    }
+}
+
 /// Runs the same query code on whichever pool the database has.
 macro_rules! on_pool {
     ($db:expr, $pool:ident => $body:expr) => {
@@ -336,7 +563,7 @@ impl Db {
     pub async fn open_postgres(url: &str) -> Result<Db, DbError> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(3))
             .connect(url)
             .await?;
         let db = Db {
@@ -357,7 +584,7 @@ impl Db {
             Pool::Sqlite(pool) => {
                 sqlx::query(TABLE).execute(pool).await?;
                 for (version, sql) in MIGRATIONS {
-                    let mut tx = pool.begin().await?;
+                    let mut tx = pool.begin_write().await?;
                     let done: Option<i64> = sqlx::query_scalar(
                         "SELECT version FROM schema_migrations WHERE version = $1",
                     )
@@ -380,7 +607,7 @@ impl Db {
             Pool::Postgres(pool) => {
                 // One transaction under an advisory lock: replicas starting
                 // together wait for each other and migrate once.
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_write().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(MIGRATION_LOCK)
                     .execute(&mut *tx)
@@ -452,8 +679,15 @@ impl Db {
     }
 
     /// Insert or replace a policy.
-    pub async fn put_policy(&self, subject: &str, body: &str, ts_ns: u64) -> Result<(), DbError> {
+    pub async fn put_policy(
+        &self,
+        subject: &str,
+        body: &str,
+        ts_ns: u64,
+        audit: &Audit,
+    ) -> Result<(), DbError> {
         on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO policies (subject, body, updated_ns) VALUES ($1, $2, $3)
                  ON CONFLICT (subject) DO UPDATE SET body = excluded.body, updated_ns = excluded.updated_ns",
@@ -461,8 +695,10 @@ impl Db {
             .bind(subject)
             .bind(body)
             .bind(to_i64(ts_ns))
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            audit_insert!(tx, ts_ns, audit);
+            tx.commit().await?;
             Ok::<_, DbError>(())
         })?;
         self.announce().await?;
@@ -470,16 +706,263 @@ impl Db {
     }
 
     /// Delete a policy; whether it existed.
-    pub async fn delete_policy(&self, subject: &str) -> Result<bool, DbError> {
+    pub async fn delete_policy(
+        &self,
+        subject: &str,
+        ts_ns: u64,
+        audit: &Audit,
+    ) -> Result<bool, DbError> {
         let out = on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
             let r = sqlx::query("DELETE FROM policies WHERE subject = $1")
                 .bind(subject)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            if r.rows_affected() > 0 {
+                audit_insert!(tx, ts_ns, audit);
+            }
+            tx.commit().await?;
             Ok::<_, DbError>(r.rows_affected() > 0)
         })?;
         self.announce().await?;
         Ok(out)
+    }
+
+    /// Stop (`killed`) or resume an agent, with an event in the mesh log, in
+    /// one transaction; whether its status changed (killing a killed agent
+    /// changes nothing and logs nothing).
+    pub async fn set_killed(
+        &self,
+        subject: &str,
+        killed: bool,
+        ts_ns: u64,
+        actor: &str,
+        reason: Option<&str>,
+        audit: &Audit,
+    ) -> Result<bool, DbError> {
+        let changed = on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let was: Option<i64> =
+                sqlx::query_scalar("SELECT killed FROM agent_status WHERE subject = $1")
+                    .bind(subject)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if (was.unwrap_or(0) != 0) == killed {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            sqlx::query(
+                "INSERT INTO agent_status (subject, killed, changed_ns, actor, reason) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (subject) DO UPDATE SET killed = excluded.killed, changed_ns = excluded.changed_ns,
+                 actor = excluded.actor, reason = excluded.reason",
+            )
+            .bind(subject)
+            .bind(i64::from(killed))
+            .bind(to_i64(ts_ns))
+            .bind(actor)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+            let detail = reason.map(|r| serde_json::json!({ "reason": r }).to_string());
+            sqlx::query(
+                "INSERT INTO mesh_events (ts_ns, kind, subject, actor, detail) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(to_i64(ts_ns))
+            .bind(if killed { "kill" } else { "resume" })
+            .bind(subject)
+            .bind(actor)
+            .bind(detail)
+            .execute(&mut *tx)
+            .await?;
+            audit_insert!(tx, ts_ns, audit);
+            tx.commit().await?;
+            Ok::<_, DbError>(true)
+        })?;
+        if changed {
+            self.announce().await?;
+        }
+        Ok(changed)
+    }
+
+    /// Append audit records (breaches, gathered off the request path).
+    pub async fn audit_many(&self, records: &[(u64, Audit)]) -> Result<(), DbError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            for (ts_ns, audit) in records {
+                audit_insert!(tx, *ts_ns, audit);
+            }
+            tx.commit().await?;
+            Ok::<_, DbError>(())
+        })
+    }
+
+    /// Audit records matching `q`, oldest first.
+    pub async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, DbError> {
+        let kind = match &q.kind {
+            None => "%".to_owned(),
+            Some(k) if k.contains('.') => k.clone(),
+            Some(k) => format!("{k}.%"),
+        };
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT seq, ts_ns, kind, subject, actor, detail FROM audit
+                 WHERE seq > $1 AND subject = COALESCE($2, subject) AND (kind LIKE $3 OR kind = $4)
+                 AND ts_ns >= $5 AND ts_ns < $6 ORDER BY seq LIMIT $7",
+            )
+            .bind(q.after)
+            .bind(q.subject.as_deref())
+            .bind(&kind)
+            .bind(q.kind.as_deref().unwrap_or(""))
+            .bind(to_i64(q.since_ns.unwrap_or(0)))
+            .bind(to_i64(q.until_ns.unwrap_or(i64::MAX as u64)))
+            .bind(i64::from(q.limit))
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(AuditRecord {
+                        seq: r.try_get("seq")?,
+                        ts_ns: to_u64(r.try_get("ts_ns")?),
+                        kind: r.try_get("kind")?,
+                        subject: r.try_get("subject")?,
+                        actor: r.try_get("actor")?,
+                        detail: r.try_get("detail")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, DbError>>()
+        })
+    }
+
+    /// Store a crossing unless a replica already did (same subject, limit,
+    /// threshold and window); its id if this call stored it.
+    pub async fn insert_alert(&self, a: &AlertRow) -> Result<Option<i64>, DbError> {
+        on_pool!(self, pool => {
+            let seq: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO alerts (ts_ns, subject, metric, win, threshold_bp, window_key, used, lim, status, attempts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
+                 ON CONFLICT (subject, metric, win, threshold_bp, window_key) DO NOTHING RETURNING seq",
+            )
+            .bind(to_i64(a.ts_ns))
+            .bind(&a.subject)
+            .bind(&a.metric)
+            .bind(&a.window)
+            .bind(i64::from(a.threshold_bp))
+            .bind(to_i64(a.window_key))
+            .bind(to_i64(a.used))
+            .bind(to_i64(a.limit))
+            .bind(&a.status)
+            .fetch_optional(pool)
+            .await?;
+            Ok::<_, DbError>(seq)
+        })
+    }
+
+    /// Record a delivery outcome.
+    pub async fn update_alert(
+        &self,
+        seq: i64,
+        status: &str,
+        attempts: u32,
+        last_error: Option<&str>,
+        delivered_ns: Option<u64>,
+    ) -> Result<(), DbError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE alerts SET status = $1, attempts = $2, last_error = $3, delivered_ns = $4 WHERE seq = $5",
+            )
+            .bind(status)
+            .bind(i64::from(attempts))
+            .bind(last_error)
+            .bind(delivered_ns.map(to_i64))
+            .bind(seq)
+            .execute(pool)
+            .await?;
+            Ok::<_, DbError>(())
+        })
+    }
+
+    /// The newest `limit` alerts (with `status`, if given), newest first.
+    pub async fn alerts(&self, status: Option<&str>, limit: u32) -> Result<Vec<AlertRow>, DbError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT seq, ts_ns, subject, metric, win, threshold_bp, window_key, used, lim, status, attempts,
+                 last_error, delivered_ns FROM alerts WHERE status = COALESCE($1, status) ORDER BY seq DESC LIMIT $2",
+            )
+            .bind(status)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(AlertRow {
+                        seq: r.try_get("seq")?,
+                        ts_ns: to_u64(r.try_get("ts_ns")?),
+                        subject: r.try_get("subject")?,
+                        metric: r.try_get("metric")?,
+                        window: r.try_get("win")?,
+                        threshold_bp: u32::try_from(r.try_get::<i64, _>("threshold_bp")?).unwrap_or(0),
+                        window_key: to_u64(r.try_get("window_key")?),
+                        used: to_u64(r.try_get("used")?),
+                        limit: to_u64(r.try_get("lim")?),
+                        status: r.try_get("status")?,
+                        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(0),
+                        last_error: r.try_get("last_error")?,
+                        delivered_ns: r.try_get::<Option<i64>, _>("delivered_ns")?.map(to_u64),
+                    })
+                })
+                .collect::<Result<Vec<_>, DbError>>()
+        })
+    }
+
+    /// The agents stopped now.
+    pub async fn killed(&self) -> Result<Vec<Killed>, DbError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT subject, changed_ns, actor, reason FROM agent_status WHERE killed <> 0 ORDER BY subject",
+            )
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(Killed {
+                        subject: r.try_get("subject")?,
+                        since_ns: to_u64(r.try_get("changed_ns")?),
+                        actor: r.try_get("actor")?,
+                        reason: r.try_get("reason")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, DbError>>()
+        })
+    }
+
+    /// The newest `limit` mesh events (of `kind`, if given), newest first.
+    pub async fn mesh_events(
+        &self,
+        limit: u32,
+        kind: Option<&str>,
+    ) -> Result<Vec<MeshEvent>, DbError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT seq, ts_ns, kind, subject, actor, detail FROM mesh_events
+                 WHERE kind = COALESCE($1, kind) ORDER BY seq DESC LIMIT $2",
+            )
+            .bind(kind)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(MeshEvent {
+                        seq: r.try_get("seq")?,
+                        ts_ns: to_u64(r.try_get("ts_ns")?),
+                        kind: r.try_get("kind")?,
+                        subject: r.try_get("subject")?,
+                        actor: r.try_get("actor")?,
+                        detail: r.try_get("detail")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, DbError>>()
+        })
     }
 
     /// Keys not revoked.
@@ -508,8 +991,9 @@ impl Db {
     }
 
     /// Store a new key.
-    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), DbError> {
+    pub async fn insert_key(&self, key: &KeyRow, audit: &Audit) -> Result<(), DbError> {
         on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO api_keys (id, hash, subject, name, prefix, created_ns) VALUES ($1, $2, $3, $4, $5, $6)",
             )
@@ -519,8 +1003,10 @@ impl Db {
             .bind(&key.name)
             .bind(&key.prefix)
             .bind(to_i64(key.created_ns))
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            audit_insert!(tx, key.created_ns, audit);
+            tx.commit().await?;
             Ok::<_, DbError>(())
         })?;
         self.announce().await?;
@@ -528,14 +1014,19 @@ impl Db {
     }
 
     /// Revoke a key; whether it was live.
-    pub async fn revoke_key(&self, id: &str, ts_ns: u64) -> Result<bool, DbError> {
+    pub async fn revoke_key(&self, id: &str, ts_ns: u64, audit: &Audit) -> Result<bool, DbError> {
         let out = on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
             let r =
                 sqlx::query("UPDATE api_keys SET revoked_ns = $1 WHERE id = $2 AND revoked_ns IS NULL")
                     .bind(to_i64(ts_ns))
                     .bind(id)
-                    .execute(pool)
+                    .execute(&mut *tx)
                     .await?;
+            if r.rows_affected() > 0 {
+                audit_insert!(tx, ts_ns, audit);
+            }
+            tx.commit().await?;
             Ok::<_, DbError>(r.rows_affected() > 0)
         })?;
         self.announce().await?;

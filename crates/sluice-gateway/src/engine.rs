@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice_core::{
-    Amounts, Decision, Denial, LimitStatus, Limiter, LimiterConfig, MemoryStore, Policy,
-    PolicyTable, Request, Reservation, ReservationError, ReservationId, Settlement, Subject,
-    Timestamp,
+    Amounts, Clock, Decision, Denial, LimitStatus, Limiter, LimiterConfig, MemoryStore, Policy,
+    PolicyTable, Request, Reservation, ReservationError, ReservationId, Settlement, Statuses,
+    Subject, Timestamp,
 };
 use sluice_redis::{RedisConfig, RedisLimiter, RedisStore, Settled};
 
@@ -128,6 +128,7 @@ fn meta_json(m: &Meta) -> String {
         "s": m.subjects,
         "h": amounts_text(&m.held),
         "t": m.reserved_ns,
+        "f": m.forced,
     })
     .to_string()
 }
@@ -143,10 +144,39 @@ fn parse_meta(s: &str) -> Option<Meta> {
             .collect(),
         held: crate::db::parse_amounts_text(v["h"].as_str()?)?,
         reserved_ns: v["t"].as_u64()?,
+        forced: v["f"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
+/// The charge a settled reservation owes its forced subjects, if any.
+fn forced_request(meta: &Meta, amounts: &Amounts) -> Option<Request> {
+    if meta.forced.is_empty() || *amounts == Amounts::ZERO {
+        return None;
+    }
+    let subjects: Vec<Subject> = meta
+        .forced
+        .iter()
+        .filter_map(|s| Subject::parse(s).ok())
+        .collect();
+    Some(Request::new(subjects, *amounts))
+}
+
 impl MemoryEngine {
+    /// [`Engine::charge_forced`] without I/O.
+    fn charge_forced(&self, meta: &Meta, amounts: &Amounts) {
+        if let Some(request) = forced_request(meta, amounts) {
+            let now = self.limiter.clock().now();
+            self.limiter.charge_at(&request, now);
+        }
+    }
+
     fn check(&self, request: &Request) -> Decision {
         self.limiter.check(request)
     }
@@ -228,10 +258,12 @@ impl Engine {
                 on_error,
                 timeout,
                 replicas,
+                tls_ca,
             } => {
                 let store = RedisStore::open(
                     &RedisConfig {
                         url: url.clone(),
+                        tls_ca: tls_ca.clone(),
                         key_prefix: key_prefix.clone(),
                         timeout: *timeout,
                     },
@@ -288,6 +320,42 @@ impl Engine {
         match self {
             Engine::Memory(_) => None,
             Engine::Redis(r) => Some(&r.stats),
+        }
+    }
+
+    /// Take the amounts without deciding: a request let past its limits on
+    /// purpose (the `alert` action). The levels after.
+    pub async fn force(&self, request: &Request) -> Result<Statuses, Unavailable> {
+        match self {
+            Engine::Memory(m) => {
+                let now = m.limiter.clock().now();
+                Ok(m.limiter.charge_at(request, now))
+            }
+            Engine::Redis(r) => match r.limiter.force(request).await {
+                Ok(s) => {
+                    r.up();
+                    Ok(s.value)
+                }
+                Err(e) => {
+                    r.failed(&e);
+                    r.fallback_engine()?;
+                    let now = r.fallback.limiter.clock().now();
+                    Ok(r.fallback.limiter.charge_at(request, now))
+                }
+            },
+        }
+    }
+
+    /// Charge a settled reservation's forced subjects (see [`Meta::forced`]).
+    async fn charge_forced(&self, meta: &Meta, amounts: &Amounts) {
+        let Some(request) = forced_request(meta, amounts) else {
+            return;
+        };
+        if let Err(e) = self.force(&request).await {
+            tracing::warn!(
+                "charging {:?} past their limits (alert action) failed: {e}",
+                meta.forced
+            );
         }
     }
 
@@ -364,6 +432,19 @@ impl Engine {
         owner: Option<&str>,
         actual: Option<Amounts>,
     ) -> Result<Settle, Unavailable> {
+        let out = self.settle_held(public, owner, actual).await?;
+        if let (Settle::Done { meta, .. }, Some(a)) = (&out, &actual) {
+            self.charge_forced(meta, a).await;
+        }
+        Ok(out)
+    }
+
+    async fn settle_held(
+        &self,
+        public: &str,
+        owner: Option<&str>,
+        actual: Option<Amounts>,
+    ) -> Result<Settle, Unavailable> {
         let r = match self {
             Engine::Memory(m) => return Ok(m.settle(public, owner, actual)),
             Engine::Redis(r) => r,
@@ -403,18 +484,29 @@ impl Engine {
     /// Settle at once when that needs no I/O (the in-memory store, or a
     /// reservation this replica's fallback made); `None` otherwise.
     pub fn settle_in_process(&self, public: &str, actual: Option<Amounts>) -> Option<Settle> {
-        match self {
-            Engine::Memory(m) => Some(m.settle(public, None, actual)),
-            Engine::Redis(r) if !public.starts_with(SHARED_PREFIX) => {
-                Some(r.fallback.settle(public, None, actual))
-            }
-            Engine::Redis(_) => None,
+        let m = match self {
+            Engine::Memory(m) => m,
+            Engine::Redis(r) if !public.starts_with(SHARED_PREFIX) => &r.fallback,
+            Engine::Redis(_) => return None,
+        };
+        let out = m.settle(public, None, actual);
+        if let (Settle::Done { meta, .. }, Some(a)) = (&out, &actual) {
+            m.charge_forced(meta, a);
         }
+        Some(out)
     }
 
     /// Settle every lease that has run out, here and (for Redis) wherever it
     /// was made: each is popped by exactly one replica.
     pub async fn expire(&self) -> Vec<Expired> {
+        let out = self.expire_held().await;
+        for e in &out {
+            self.charge_forced(&e.meta, &e.meta.held).await;
+        }
+        out
+    }
+
+    async fn expire_held(&self) -> Vec<Expired> {
         match self {
             Engine::Memory(m) => m.expire(),
             Engine::Redis(r) => {

@@ -80,6 +80,9 @@ impl Ledger {
             crate::db::Pool::Postgres(pool) => Sink::Postgres(PgSink {
                 pool: pool.clone(),
                 runtime: tokio::runtime::Handle::current(),
+                tag: format!("{:x}-{:x}", std::process::id(), clock.now().as_nanos()),
+                batch: 0,
+                clock: clock.clone(),
             }),
         };
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -255,11 +258,32 @@ impl Sink {
 
 /// Writes ledger batches to PostgreSQL: one transaction per batch, the rows
 /// in one `INSERT ... SELECT FROM UNNEST` (one round trip however many).
-#[derive(Debug)]
+///
+/// Each batch is marked in `ledger_batches` in its own transaction: if a
+/// commit's answer is lost (the connection drops after PostgreSQL committed),
+/// the retry finds the mark and writes nothing twice. Marks older than a day
+/// are pruned as the writer goes.
 pub struct PgSink {
     pool: sqlx::PgPool,
     runtime: tokio::runtime::Handle,
+    /// This process's writer, unique across replicas and restarts.
+    tag: String,
+    /// The batch being written (advances when one is written).
+    batch: u64,
+    clock: SharedClock,
 }
+
+impl std::fmt::Debug for PgSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSink")
+            .field("tag", &self.tag)
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a batch mark is kept: far longer than any retry runs.
+const BATCH_MARK_NS: u64 = 86_400 * 1_000_000_000;
 
 const PG_INSERT_ROWS: &str = "INSERT INTO ledger (ts_ns, kind, reservation, subjects, requests, tokens, \
     input_tokens, output_tokens, cost_micros, held, reserved_ns, caller, request_id, detail) \
@@ -284,8 +308,30 @@ impl PgSink {
         let request_id: Vec<Option<&str>> = rows.iter().map(|r| r.request_id.as_deref()).collect();
         let detail: Vec<Option<&str>> = rows.iter().map(|r| r.detail.as_deref()).collect();
         let rollup = rollup(rows);
-        self.runtime.block_on(async {
+        let id = format!("{}:{}", self.tag, self.batch);
+        let now = self.clock.now().as_nanos();
+        let prune = self.batch % 1_000 == 999;
+        let written = self.runtime.block_on(async {
             let mut tx = self.pool.begin().await?;
+            let fresh = sqlx::query(
+                "INSERT INTO ledger_batches (id, ts_ns) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(i64_of(now))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if fresh == 0 {
+                // Written by an attempt whose commit answer was lost.
+                tx.rollback().await?;
+                return Ok::<bool, sqlx::Error>(false);
+            }
+            if prune {
+                sqlx::query("DELETE FROM ledger_batches WHERE ts_ns < $1")
+                    .bind(i64_of(now.saturating_sub(BATCH_MARK_NS)))
+                    .execute(&mut *tx)
+                    .await?;
+            }
             if !rows.is_empty() {
                 sqlx::query(PG_INSERT_ROWS)
                     .bind(&ts)
@@ -331,8 +377,16 @@ impl PgSink {
                 .execute(&mut *tx)
                 .await?;
             }
-            tx.commit().await
-        })
+            tx.commit().await?;
+            Ok(true)
+        })?;
+        if !written {
+            tracing::warn!(
+                "ledger batch {id} was already written (a commit whose answer was lost); not written again"
+            );
+        }
+        self.batch += 1;
+        Ok(())
     }
 }
 
@@ -450,5 +504,94 @@ fn writer(
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::db::{Db, LedgerRow, RowKind};
+    use sluice_core::{Amounts, ManualClock, Timestamp};
+
+    /// A batch retried after its commit answer was lost is not written twice
+    /// (the retry finds the batch's mark); the next batch is written.
+    #[test]
+    fn postgres_batch_retried_after_a_lost_commit_is_written_once() {
+        let Some(admin) = std::env::var("SLUICE_TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            eprintln!("NOTICE: SLUICE_TEST_DATABASE_URL is not set; skipping");
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let name = format!("sluice_test_ledger_batches_{}", std::process::id());
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        let admin_pool = rt.block_on(async {
+            let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool
+        });
+        let db = rt.block_on(Db::open_postgres(&url)).unwrap();
+        let crate::db::Pool::Postgres(pool) = db.pool().clone() else {
+            panic!("not PostgreSQL");
+        };
+        let clock = SharedClock(Arc::new(ManualClock::new(Timestamp::from_nanos(
+            1_800_000_000_000_000_000,
+        ))));
+        let mut sink = PgSink {
+            pool: pool.clone(),
+            runtime: rt.handle().clone(),
+            tag: "test".to_owned(),
+            batch: 0,
+            clock,
+        };
+        let row = LedgerRow {
+            ts_ns: 1_800_000_000_000_000_000,
+            kind: RowKind::Check,
+            reservation: None,
+            subjects: vec!["user:1".to_owned()],
+            amounts: Amounts::one_request(),
+            held: None,
+            reserved_ns: None,
+            caller: "admin".to_owned(),
+            request_id: None,
+            detail: None,
+        };
+        let rows = vec![row.clone(), row];
+        let count = || -> i64 {
+            rt.block_on(sqlx::query_scalar("SELECT COUNT(*) FROM ledger").fetch_one(&pool))
+                .unwrap()
+        };
+        sink.write(&rows, &[]).unwrap();
+        assert_eq!(count(), 2);
+        // The writer saw an error for batch 0 although it committed: it retries batch 0.
+        sink.batch = 0;
+        sink.write(&rows, &[]).unwrap();
+        assert_eq!(count(), 2, "a retried batch was written twice");
+        assert_eq!(sink.batch, 1);
+        sink.write(&rows, &[]).unwrap();
+        assert_eq!(count(), 4);
+        rt.block_on(async {
+            pool.close().await;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&admin_pool)
+                .await
+                .unwrap();
+        });
     }
 }

@@ -5,6 +5,8 @@
 //! durable SQLite ledger from which window state is rebuilt at start.
 //! The binary (`crates/sluice`) only parses flags and calls [`Gateway`].
 
+pub mod alerts;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -13,6 +15,7 @@ pub mod error;
 pub mod estimate;
 pub mod idempotency;
 pub mod json;
+pub mod killswitch;
 pub mod ledger;
 pub mod metrics;
 pub mod pricing;

@@ -473,7 +473,18 @@ async fn reserve_for(
         ),
         by_quota: false,
     })?;
-    let quota_index = model.quota_subject.as_ref().map(|_| subjects.len() - 1);
+    if let Some(k) = st.kill.first(&subjects) {
+        return Err(Refused {
+            response: wire_error(
+                wire,
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "agent_killed",
+                crate::killswitch::killed_message(&k),
+            ),
+            by_quota: false,
+        });
+    }
     // The worst case prices every input token as a 1-hour cache write when
     // the request marks anything for caching (the dearest way to read it).
     let input = estimate_input_tokens(endpoint, &model.upstream_name, req);
@@ -493,15 +504,17 @@ async fn reserve_for(
         subjects: subject_names.clone(),
         held,
         reserved_ns: now.as_nanos(),
+        forced: Vec::new(),
     };
-    let reserved = match st
-        .engine
-        .reserve(
-            &Request::new(subjects.iter().cloned(), held),
-            Some(lease),
-            meta,
-        )
-        .await
+    let reserved = match crate::routes::reserve_letting_alerts(
+        st,
+        &subjects,
+        &Request::new(subjects.iter().cloned(), held),
+        Some(lease),
+        meta,
+        "proxy",
+    )
+    .await
     {
         Ok(r) => r,
         Err(e) => {
@@ -511,16 +524,18 @@ async fn reserve_for(
             });
         }
     };
-    let (reservation, public) = match reserved {
-        Ok(r) => r,
-        Err(d) => {
-            let by_quota = Some(d.subject) == quota_index;
+    let is_quota = |s: &Subject| model.quota_subject.as_ref() == Some(s);
+    let (enforced, (reservation, public)) = match reserved {
+        Ok((enforced, _forced, r)) => (enforced.unwrap_or_else(|| subjects.clone()), r),
+        Err((d, enforced)) => {
+            let by_quota = enforced.get(d.subject).is_some_and(is_quota);
             return Err(Refused {
-                response: refusal(wire, &d, &subjects, by_quota),
+                response: refusal(wire, &d, &enforced, by_quota),
                 by_quota,
             });
         }
     };
+    let quota_index = enforced.iter().position(is_quota);
     let row = LedgerRow {
         ts_ns: now.as_nanos(),
         kind: RowKind::Reserve,
@@ -534,6 +549,8 @@ async fn reserve_for(
         detail: Some(json!({"model": model.name}).to_string()),
     };
     st.ledger.record(vec![row], None).await;
+    st.alerts
+        .observe(&st.policies, &enforced, &reservation.limits, now.as_nanos());
     let mut limits = reservation.limits;
     limits.retain(|l| Some(l.subject) != quota_index);
     Ok(Held {
@@ -910,10 +927,11 @@ async fn proxy_request(
     endpoint: Endpoint,
 ) -> Response {
     let wire = endpoint.wire();
-    let (caller, req, first) = match admit(&st, &headers, &body, wire) {
+    let (caller, mut req, mut first) = match admit(&st, &headers, &body, wire) {
         Ok(x) => x,
         Err(r) => return r,
     };
+    let degraded = degrade(&st, &caller, &headers, endpoint, &mut req, &mut first).await;
     let streaming = endpoint.streams() && req["stream"].as_bool() == Some(true);
     let client_wants_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
     // The model asked for, then its fallbacks, in order.
@@ -944,7 +962,8 @@ async fn proxy_request(
             && !client_wants_usage
             && matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
         // The client's bytes go as they came unless the model's name or the stream options change.
-        let upstream_body = if model.upstream_name == first.name && !ask_usage {
+        let upstream_body = if model.upstream_name == first.name && !ask_usage && degraded.is_none()
+        {
             body.clone()
         } else {
             let mut b = req.clone();
@@ -988,7 +1007,7 @@ async fn proxy_request(
                 continue;
             }
         };
-        return answer(
+        let mut answered = answer(
             endpoint,
             &st,
             resp,
@@ -998,6 +1017,13 @@ async fn proxy_request(
             client_wants_usage,
         )
         .await;
+        if let Some(d) = degraded
+            .as_deref()
+            .and_then(|d| HeaderValue::from_str(d).ok())
+        {
+            answered.headers_mut().insert("x-sluice-degraded", d);
+        }
+        return answered;
     }
     match failure.0 {
         Some((status, bytes)) => {
@@ -1011,6 +1037,77 @@ async fn proxy_request(
             failure.1,
         ),
     }
+}
+
+/// Graceful degradation: for each subject of the call whose policy has
+/// `degrade` rules, the highest share used of its limits picks the rules
+/// that apply (every rule with `at` at or below it, in order): the model is
+/// swapped for a configured one on the same wire and the output tokens are
+/// capped, before the reservation, so the worst case is the cheaper call's.
+/// What changed, for `x-sluice-degraded`. A usage read that fails changes
+/// nothing (the reservation then decides as usual).
+async fn degrade(
+    st: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    endpoint: Endpoint,
+    req: &mut Value,
+    model: &mut Model,
+) -> Option<String> {
+    let Ok(subjects) = subjects(caller, headers, model) else {
+        return None;
+    };
+    let mut rules = Vec::new();
+    for subject in &subjects {
+        let own = crate::routes::policy_of(st, subject, |p| p.body.degrade.clone()).flatten();
+        let Some(own) = own else { continue };
+        let Ok(levels) = st.engine.usage(subject).await else {
+            continue;
+        };
+        let share = levels
+            .iter()
+            .filter(|l| l.limit > 0)
+            .map(|l| l.used as f64 / l.limit as f64)
+            .fold(0.0, f64::max);
+        rules.extend(own.into_iter().filter(|r| r.at <= share));
+    }
+    if rules.is_empty() {
+        return None;
+    }
+    rules.sort_by(|a, b| a.at.total_cmp(&b.at));
+    let wire = endpoint.wire();
+    let mut changed = Vec::new();
+    if let Some(name) = rules.iter().rev().find_map(|r| r.model.as_ref()) {
+        match st.config.proxy.models.get(name) {
+            Some(m)
+                if st.config.proxy.providers[m.provider].wire == wire && m.name != model.name =>
+            {
+                *model = m.clone();
+                req["model"] = Value::from(m.name.clone());
+                changed.push(format!("model={}", m.name));
+            }
+            Some(_) => {}
+            None => tracing::warn!("degrade rule names {name:?}, which is not configured"),
+        }
+    }
+    if let Some(cap) = rules.iter().filter_map(|r| r.max_tokens).min() {
+        let field = match endpoint {
+            Endpoint::Chat if !req["max_completion_tokens"].is_null() => {
+                Some("max_completion_tokens")
+            }
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Messages => Some("max_tokens"),
+            Endpoint::Responses => Some("max_output_tokens"),
+            Endpoint::Embeddings => None,
+        };
+        if let Some(field) = field {
+            let asked = req[field].as_u64().unwrap_or(u64::MAX);
+            if asked > cap {
+                req[field] = Value::from(cap);
+                changed.push(format!("{field}={cap}"));
+            }
+        }
+    }
+    (!changed.is_empty()).then(|| changed.join(", "))
 }
 
 /// Settles a reservation at its held amounts if dropped before being disarmed.

@@ -27,6 +27,10 @@ pub struct Meta {
     pub held: Amounts,
     /// When it was made, ns.
     pub reserved_ns: u64,
+    /// Subjects let past their limits (`alert` action): not held; charged
+    /// by force when the reservation settles (the actual on commit, the
+    /// held amounts on expiry).
+    pub forced: Vec<String>,
 }
 
 /// The table.

@@ -18,8 +18,8 @@ use sluice_core::{
 };
 
 use crate::auth::{AgentKey, Caller, generate_key, hash_key, hex, random_hex};
-use crate::db::{IdemRow, KeyRow, LedgerRow, RowKind};
-use crate::engine::Settle;
+use crate::db::{Audit, IdemRow, KeyRow, LedgerRow, RowKind};
+use crate::engine::{Settle, Unavailable};
 use crate::error::ApiError;
 use crate::idempotency::{self, Begin, Stored};
 use crate::json;
@@ -51,7 +51,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/usage/{*subject}", get(usage))
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", delete(revoke_key))
-        .route("/v1/mesh/agents/{*rest}", get(mesh_get).put(mesh_put))
+        .route("/v1/mesh/agents", get(mesh_agents))
+        .route(
+            "/v1/mesh/agents/{*rest}",
+            get(mesh_get).put(mesh_put).post(mesh_post),
+        )
+        .route("/v1/mesh/events", get(mesh_events))
+        .route("/v1/audit", get(audit))
+        .route("/v1/alerts", get(alerts))
         .route("/v1/intents", post(intent))
         .route("/v1/chat/completions", post(crate::proxy::openai_chat))
         .route("/v1/completions", post(crate::proxy::openai_completions))
@@ -244,19 +251,59 @@ fn stored_json(subject: &str, p: &StoredPolicy) -> Value {
     policy_json(subject, &p.body, &p.policy, p.updated_ns)
 }
 
+/// A subject's own policy as written (for the audit trail).
+fn policy_body(st: &AppState, subject: &Subject) -> Option<Value> {
+    st.policies
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(subject.as_str())
+        .map(|p| serde_json::to_value(&p.body).unwrap_or(Value::Null))
+}
+
 /// Check, store, then put in force; answers (created?, stored policy).
 async fn set_policy(
     st: &AppState,
     subject: &Subject,
     body: PolicyBody,
+    actor: &str,
 ) -> Result<(bool, StoredPolicy), ApiError> {
     let (policy, action) = body.to_policy()?;
+    for (i, r) in body
+        .degrade
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        if let Some(m) = &r.model {
+            if !st.config.proxy.models.contains_key(m) {
+                return Err(ApiError::invalid(
+                    format!("degrade[{i}].model"),
+                    format!("{m:?} is not a model configured on this gateway ([[models]])"),
+                ));
+            }
+        }
+    }
     let text =
         serde_json::to_string(&body).map_err(|e| ApiError::internal("encoding a policy", e))?;
     let _write = st.policy_write.lock().await;
     let now = st.now().as_nanos();
+    let old = policy_body(st, subject);
+    let audit = Audit {
+        kind: if old.is_some() {
+            "policy.changed"
+        } else {
+            "policy.created"
+        },
+        subject: subject.as_str().to_owned(),
+        actor: actor.to_owned(),
+        detail: Some(
+            json!({"old": old, "new": serde_json::to_value(&body).unwrap_or(Value::Null)})
+                .to_string(),
+        ),
+    };
     st.db
-        .put_policy(subject.as_str(), &text, now)
+        .put_policy(subject.as_str(), &text, now, &audit)
         .await
         .map_err(|e| ApiError::internal("storing a policy", e))?;
     let stored = StoredPolicy {
@@ -266,6 +313,9 @@ async fn set_policy(
         updated_ns: now,
     };
     st.engine.set_policy(subject, policy);
+    if stored.body.alert_at.is_some() {
+        st.alerts.enable();
+    }
     let old = st
         .policies
         .write()
@@ -279,10 +329,11 @@ async fn put_policy(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> 
         async {
             // Read the body first: the connection stays reusable whatever the answer.
             let bytes = json::read_body(&headers, body).await?;
-            st.keys.authenticate(&headers)?.require_admin()?;
+            let caller = st.keys.authenticate(&headers)?;
+            caller.require_admin()?;
             let subject = writable(path_subject(&uri, "/v1/policies/")?)?;
             let policy = json::parse::<PolicyBody>(&bytes)?;
-            let (created, stored) = set_policy(&st, &subject, policy).await?;
+            let (created, stored) = set_policy(&st, &subject, policy, caller.id()).await?;
             let status = if created {
                 StatusCode::CREATED
             } else {
@@ -315,12 +366,20 @@ async fn get_policy(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
 async fn delete_policy(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
     result(
         async {
-            st.keys.authenticate(&headers)?.require_admin()?;
+            let caller = st.keys.authenticate(&headers)?;
+            caller.require_admin()?;
             let subject = writable(path_subject(&uri, "/v1/policies/")?)?;
             let _write = st.policy_write.lock().await;
+            let old = policy_body(&st, &subject);
+            let audit = Audit {
+                kind: "policy.deleted",
+                subject: subject.as_str().to_owned(),
+                actor: caller.id().to_owned(),
+                detail: Some(json!({ "old": old, "new": null }).to_string()),
+            };
             let existed = st
                 .db
-                .delete_policy(subject.as_str())
+                .delete_policy(subject.as_str(), st.now().as_nanos(), &audit)
                 .await
                 .map_err(|e| ApiError::internal("deleting a policy", e))?;
             st.engine.remove_policy(&subject);
@@ -373,6 +432,184 @@ fn amounts_or_one(a: Option<&AmountsBody>) -> Result<Amounts, ApiError> {
         Some(a) => a.to_amounts("amounts"),
         None => Ok(Amounts::one_request()),
     }
+}
+
+/// `f` of `subject`'s policy in force (its own, else its kind's tier).
+pub(crate) fn policy_of<T>(
+    st: &AppState,
+    subject: &Subject,
+    f: impl FnOnce(&crate::server::StoredPolicy) -> T,
+) -> Option<T> {
+    let policies = st
+        .policies
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    policies
+        .get(subject.as_str())
+        .or_else(|| policies.get(Subject::wildcard(subject.kind()).as_str()))
+        .map(f)
+}
+
+/// The action on breach of `subject`'s policy (its own, else its kind's tier).
+pub(crate) fn action_of(st: &AppState, subject: &Subject) -> crate::wire::Action {
+    policy_of(st, subject, |p| p.action).unwrap_or_default()
+}
+
+/// What [`decide_letting_alerts`] decided: the subjects still enforced, the
+/// ones let past their limits, and the decision's value.
+pub(crate) type Let<T> = (Vec<Subject>, Vec<Subject>, T);
+
+/// Decide `subjects` with `decide(enforced, forced)`, letting `alert`-action
+/// subjects past their limits: a refusal by one of them records the breach
+/// (action `alert`), raises its alert, and the rest are decided again
+/// without it. A refusal by any other subject is the answer (with the
+/// subjects its index refers to).
+pub(crate) async fn decide_letting_alerts<T, F, Fut>(
+    st: &AppState,
+    subjects: &[Subject],
+    endpoint: &'static str,
+    who: &str,
+    mut decide: F,
+) -> Result<Result<Let<T>, (Denial, Vec<Subject>)>, Unavailable>
+where
+    F: FnMut(Vec<Subject>, Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, Denial>, Unavailable>>,
+{
+    let mut enforced = subjects.to_vec();
+    let mut forced: Vec<Subject> = Vec::new();
+    loop {
+        let names = forced.iter().map(|s| s.as_str().to_owned()).collect();
+        match decide(enforced.clone(), names).await? {
+            Ok(v) => return Ok(Ok((enforced, forced, v))),
+            Err(d) => {
+                let now = st.now().as_nanos();
+                let alerting = enforced
+                    .get(d.subject)
+                    .is_some_and(|s| action_of(st, s) == crate::wire::Action::Alert);
+                if !alerting {
+                    st.breaches
+                        .record(&d, &enforced, endpoint, "block", who, now);
+                    return Ok(Err((d, enforced)));
+                }
+                st.breaches
+                    .record(&d, &enforced, endpoint, "alert", who, now);
+                let subject = enforced.remove(d.subject);
+                st.alerts.breached(&subject, &d, now);
+                forced.push(subject);
+            }
+        }
+    }
+}
+
+/// Check-and-take for the spend paths (`check`, `intents`): the usual one
+/// engine call; only when the refusing subject's policy says `alert` are the
+/// others decided again without it, and it (with any other alerting
+/// subject) charged by force. (enforced subjects if not all, forced
+/// subjects, the enforced levels.)
+async fn spend_letting_alerts(
+    st: &AppState,
+    subjects: &[Subject],
+    amounts: Amounts,
+    endpoint: &'static str,
+    who: &str,
+    request: &Request,
+) -> Result<(Option<Vec<Subject>>, Vec<Subject>, sluice_core::Statuses), ApiError> {
+    let d = match st.engine.check(request).await? {
+        Decision::Allowed(statuses) => return Ok((None, Vec::new(), statuses)),
+        Decision::Denied(d) => d,
+    };
+    if subjects
+        .get(d.subject)
+        .is_none_or(|s| action_of(st, s) != crate::wire::Action::Alert)
+    {
+        st.breaches
+            .record(&d, subjects, endpoint, "block", who, st.now().as_nanos());
+        return Err(denial_error(&d, subjects).0);
+    }
+    let decided =
+        decide_letting_alerts(st, subjects, endpoint, who, move |enforced, _| async move {
+            Ok(
+                match st.engine.check(&Request::new(enforced, amounts)).await? {
+                    Decision::Allowed(s) => Ok(s),
+                    Decision::Denied(d) => Err(d),
+                },
+            )
+        })
+        .await?;
+    match decided {
+        Ok((enforced, forced, statuses)) => {
+            let levels = st
+                .engine
+                .force(&Request::new(forced.iter().cloned(), amounts))
+                .await?;
+            st.alerts
+                .observe(&st.policies, &forced, &levels, st.now().as_nanos());
+            Ok((Some(enforced), forced, statuses))
+        }
+        Err((d, enforced)) => Err(denial_error(&d, &enforced).0),
+    }
+}
+
+/// What [`reserve_letting_alerts`] answers: (enforced subjects if not all,
+/// subjects let through, (reservation, public id)), or the refusal with the
+/// subjects its index refers to.
+pub(crate) type Reserved = Result<
+    (
+        Option<Vec<Subject>>,
+        Vec<Subject>,
+        (sluice_core::Reservation, String),
+    ),
+    (Denial, Vec<Subject>),
+>;
+
+/// Reserve `request` (on `subjects`) as one engine call; only when the
+/// refusing subject's policy says `alert` is the reservation made on the
+/// others, the alerting subjects recorded in its metadata to be charged by
+/// force when it settles. Breaches are recorded either way.
+pub(crate) async fn reserve_letting_alerts(
+    st: &AppState,
+    subjects: &[Subject],
+    request: &Request,
+    lease: Option<std::time::Duration>,
+    meta: Meta,
+    endpoint: &'static str,
+) -> Result<Reserved, Unavailable> {
+    let who = meta.caller.clone();
+    let d = match st.engine.reserve(request, lease, meta.clone()).await? {
+        Ok(r) => return Ok(Ok((None, Vec::new(), r))),
+        Err(d) => d,
+    };
+    if subjects
+        .get(d.subject)
+        .is_none_or(|s| action_of(st, s) != crate::wire::Action::Alert)
+    {
+        // A provider quota sends the proxy to the next model, if any.
+        let action = if subjects
+            .get(d.subject)
+            .is_some_and(|s| s.as_str().starts_with("provider:"))
+        {
+            "next_model"
+        } else {
+            "block"
+        };
+        st.breaches
+            .record(&d, subjects, endpoint, action, &who, st.now().as_nanos());
+        return Ok(Err((d, subjects.to_vec())));
+    }
+    let amounts = request.amounts;
+    let decided = decide_letting_alerts(st, subjects, endpoint, &who, move |enforced, forced| {
+        let meta = Meta {
+            forced,
+            ..meta.clone()
+        };
+        async move {
+            st.engine
+                .reserve(&Request::new(enforced, amounts), lease, meta)
+                .await
+        }
+    })
+    .await?;
+    Ok(decided.map(|(enforced, forced, r)| (Some(enforced), forced, r)))
 }
 
 /// A refusal: 429 with the exact wait, or 422 when no wait can help.
@@ -444,6 +681,9 @@ fn statuses_json<'a>(
 struct CheckOut<'a> {
     allowed: bool,
     limits: Vec<StatusOut<'a>>,
+    /// Subjects let past their limits (`alert` action).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    let_through: Vec<&'a str>,
 }
 
 /// `POST /v1/intents` accepted.
@@ -572,35 +812,36 @@ async fn check(State(st): St, request: axum::extract::Request) -> Response {
         let caller = st.keys.authenticate(&headers)?;
         let req = json::parse::<CheckBody>(&bytes)?;
         let subjects = scope_subjects(&caller, parse_subjects(&req.subjects, "subjects")?)?;
+        st.kill.ensure_running(&subjects)?;
         let amounts = amounts_or_one(req.amounts.as_ref())?;
         let st2 = Arc::clone(&st);
         let (who, trace) = (caller.id().to_owned(), trace_id(&headers));
         idempotent(&st, &caller, &headers, "check", &bytes, || async move {
             let request = Request::new(subjects.iter().cloned(), amounts);
             let now = st2.now();
-            match st2.engine.check(&request).await? {
-                Decision::Allowed(statuses) => {
-                    let body = CheckOut {
-                        allowed: true,
-                        limits: statuses_json(&statuses, &subjects, now),
-                    };
-                    let row = spend_row(
-                        RowKind::Check,
-                        now,
-                        &subjects,
-                        amounts,
-                        &who,
-                        trace.clone(),
-                        None,
-                    );
-                    Ok((
-                        Reply::json(StatusCode::OK, &body)
-                            .with_headers(ratelimit::allowed(&statuses, now)),
-                        vec![row],
-                    ))
-                }
-                Decision::Denied(d) => Err(denial_error(&d, &subjects).0),
-            }
+            let (enforced, forced, statuses) =
+                spend_letting_alerts(&st2, &subjects, amounts, "check", &who, &request).await?;
+            let enforced = enforced.as_deref().unwrap_or(&subjects);
+            st2.alerts
+                .observe(&st2.policies, enforced, &statuses, now.as_nanos());
+            let body = CheckOut {
+                allowed: true,
+                limits: statuses_json(&statuses, enforced, now),
+                let_through: forced.iter().map(Subject::as_str).collect(),
+            };
+            let row = spend_row(
+                RowKind::Check,
+                now,
+                &subjects,
+                amounts,
+                &who,
+                trace.clone(),
+                None,
+            );
+            Ok((
+                Reply::json(StatusCode::OK, &body).with_headers(ratelimit::allowed(&statuses, now)),
+                vec![row],
+            ))
         })
         .await
     }
@@ -620,6 +861,7 @@ async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
         let caller = st.keys.authenticate(&headers)?;
         let req = json::parse::<ReserveBody>(&bytes)?;
         let subjects = scope_subjects(&caller, parse_subjects(&req.subjects, "subjects")?)?;
+        st.kill.ensure_running(&subjects)?;
         let amounts = amounts_or_one(req.amounts.as_ref())?;
         let max = st.config.max_lease;
         let lease = match req.lease_s {
@@ -647,15 +889,22 @@ async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
                 subjects: subject_strings(&subjects),
                 held: amounts,
                 reserved_ns: now.as_nanos(),
+                forced: Vec::new(),
             };
-            match st2.engine.reserve(&request, lease, meta).await? {
-                Ok((r, public)) => {
-                    let body = json!({
+            match reserve_letting_alerts(&st2, &subjects, &request, lease, meta, "reserve").await? {
+                Ok((enforced, forced, (r, public))) => {
+                    let enforced = enforced.as_deref().unwrap_or(&subjects);
+                    st2.alerts
+                        .observe(&st2.policies, enforced, &r.limits, now.as_nanos());
+                    let mut body = json!({
                         "reservation_id": public,
                         "expires_at": rfc3339(r.expires_at.as_nanos()),
                         "held": amounts_json(&amounts),
-                        "limits": statuses_json(&r.limits, &subjects, now),
+                        "limits": statuses_json(&r.limits, enforced, now),
                     });
+                    if !forced.is_empty() {
+                        body["let_through"] = json!(subject_strings(&forced));
+                    }
                     let row = LedgerRow {
                         ts_ns: now.as_nanos(),
                         kind: RowKind::Reserve,
@@ -674,7 +923,7 @@ async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
                         vec![row],
                     ))
                 }
-                Err(d) => Err(denial_error(&d, &subjects).0),
+                Err((d, enforced)) => Err(denial_error(&d, &enforced).0),
             }
         })
         .await
@@ -929,8 +1178,16 @@ async fn create_key(State(st): St, headers: HeaderMap, body: Body) -> Response {
                     .collect(),
                 created_ns: st.now().as_nanos(),
             };
+            let audit = Audit {
+                kind: "key.created",
+                subject: row.subject.clone(),
+                actor: "admin".to_owned(),
+                detail: Some(
+                    json!({"id": row.id, "name": row.name, "prefix": row.prefix}).to_string(),
+                ),
+            };
             st.db
-                .insert_key(&row)
+                .insert_key(&row, &audit)
                 .await
                 .map_err(|e| ApiError::internal("storing a key", e))?;
             let agent = AgentKey {
@@ -960,10 +1217,24 @@ async fn list_keys(State(st): St, headers: HeaderMap) -> Response {
 async fn revoke_key(State(st): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
     result(
         async {
-            st.keys.authenticate(&headers)?.require_admin()?;
+            let caller = st.keys.authenticate(&headers)?;
+            caller.require_admin()?;
+            let subject = st
+                .keys
+                .list()
+                .iter()
+                .find(|k| k.id == id)
+                .map(|k| k.subject.as_str().to_owned())
+                .unwrap_or_default();
+            let audit = Audit {
+                kind: "key.revoked",
+                subject,
+                actor: caller.id().to_owned(),
+                detail: Some(json!({ "id": id }).to_string()),
+            };
             let revoked = st
                 .db
-                .revoke_key(&id, st.now().as_nanos())
+                .revoke_key(&id, st.now().as_nanos(), &audit)
                 .await
                 .map_err(|e| ApiError::internal("revoking a key", e))?;
             st.keys.remove(&id);
@@ -1012,12 +1283,16 @@ fn axme_field(metric: &str, window: &str) -> Option<&'static str> {
 fn mesh_address(uri: &Uri) -> Result<(Subject, String), ApiError> {
     let raw = uri.path().strip_prefix("/v1/mesh/agents/").unwrap_or("");
     let decoded = percent_decode(raw)?;
-    let (address, rest) = match decoded.find("/policies/") {
+    // `agent://org/env/name` is three segments after the scheme; what
+    // follows is the route (`/policies/cost`, `/kill`, `/resume`, or none).
+    let split = decoded.strip_prefix("agent://").and_then(|after| {
+        let mut ends = after.match_indices('/').map(|(i, _)| i);
+        let third = ends.nth(1).and_then(|_| ends.next());
+        third.map(|i| "agent://".len() + i)
+    });
+    let (address, rest) = match split {
         Some(i) => (&decoded[..i], decoded[i..].to_owned()),
-        None => match decoded.rsplit_once('/') {
-            Some((a, r)) if !a.is_empty() && a.contains("://") => (a, format!("/{r}")),
-            _ => (decoded.as_str(), String::new()),
-        },
+        None => (decoded.as_str(), String::new()),
     };
     let subject =
         Subject::parse(address).map_err(|e| ApiError::invalid("address", e.to_string()))?;
@@ -1071,14 +1346,18 @@ async fn mesh_get(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
         async {
             let caller = st.keys.authenticate(&headers)?;
             let (subject, rest) = mesh_address(&uri)?;
-            if rest != "/policies/cost" {
-                return Err(ApiError::not_found(format!("no route for {}", uri.path())));
-            }
             caller.require_subject(&subject, "address")?;
-            Ok(json::reply(
-                StatusCode::OK,
-                &cost_policy_json(&st, &subject).await?,
-            ))
+            match rest.as_str() {
+                "/policies/cost" => Ok(json::reply(
+                    StatusCode::OK,
+                    &cost_policy_json(&st, &subject).await?,
+                )),
+                "" => Ok(json::reply(
+                    StatusCode::OK,
+                    &agent_detail(&st, &subject).await?,
+                )),
+                _ => Err(ApiError::not_found(format!("no route for {}", uri.path()))),
+            }
         }
         .await,
     )
@@ -1143,6 +1422,12 @@ async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Re
                 timezone: req
                     .timezone
                     .or_else(|| existing.as_ref().and_then(|b| b.timezone.clone())),
+                alert_at: existing.as_ref().and_then(|b| b.alert_at.clone()),
+                degrade: existing.as_ref().and_then(|b| b.degrade.clone()),
+                fallback_action: existing
+                    .as_ref()
+                    .and_then(|b| b.fallback_action.clone())
+                    .filter(|_| req.action_on_breach.as_deref() == Some("degrade")),
                 action_on_breach: Some(req.action_on_breach.unwrap_or_else(|| "block".into())),
             };
             // Name AXME fields in errors rather than the native ones.
@@ -1158,9 +1443,249 @@ async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Re
                 _ => e,
             };
             body.to_policy().map_err(mapped)?;
-            let (created, _) = set_policy(&st, &subject, body).await?;
+            let (created, _) = set_policy(&st, &subject, body, "admin").await?;
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(json::reply(status, &cost_policy_json(&st, &subject).await?))
+        }
+        .await,
+    )
+}
+
+// ---------------------------------------------------------------- kill switch
+
+/// `POST /v1/mesh/agents/{address}/kill` and `/resume`: optional body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn agent_json(address: &str, killed: Option<&crate::db::Killed>) -> Value {
+    json!({
+        "address": address,
+        "address_id": address,
+        "status": if killed.is_some() { "killed" } else { "active" },
+        "killed_at": killed.map(|k| rfc3339(k.since_ns)),
+        "killed_by": killed.map(|k| k.actor.clone()),
+        "reason": killed.and_then(|k| k.reason.clone()),
+    })
+}
+
+/// An agent's status and the usage of each of its limits.
+async fn agent_detail(st: &AppState, subject: &Subject) -> Result<Value, ApiError> {
+    let mut out = agent_json(subject.as_str(), st.kill.get(subject.as_str()).as_ref());
+    let now = st.now();
+    let statuses = st.engine.usage(subject).await?;
+    out["limits"] =
+        serde_json::to_value(statuses_json(&statuses, std::slice::from_ref(subject), now))
+            .unwrap_or(Value::Null);
+    Ok(out)
+}
+
+async fn mesh_post(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {
+    result(
+        async {
+            // Read the body first: the connection stays reusable whatever the answer.
+            let bytes = json::read_body(&headers, body).await?;
+            let caller = st.keys.authenticate(&headers)?;
+            caller.require_admin()?;
+            let (subject, rest) = mesh_address(&uri)?;
+            let kill = match rest.as_str() {
+                "/kill" => true,
+                "/resume" => false,
+                _ => return Err(ApiError::not_found(format!("no route for {}", uri.path()))),
+            };
+            let req = if bytes.iter().all(u8::is_ascii_whitespace) {
+                KillBody::default()
+            } else {
+                json::parse::<KillBody>(&bytes)?
+            };
+            if req.reason.as_ref().is_some_and(|r| r.len() > 1_000) {
+                return Err(ApiError::invalid("reason", "at most 1000 bytes"));
+            }
+            let now = st.now().as_nanos();
+            let audit = Audit {
+                kind: if kill {
+                    "agent.killed"
+                } else {
+                    "agent.resumed"
+                },
+                subject: subject.as_str().to_owned(),
+                actor: caller.id().to_owned(),
+                detail: req
+                    .reason
+                    .as_ref()
+                    .map(|r| json!({ "reason": r }).to_string()),
+            };
+            let changed = st
+                .db
+                .set_killed(
+                    subject.as_str(),
+                    kill,
+                    now,
+                    caller.id(),
+                    req.reason.as_deref(),
+                    &audit,
+                )
+                .await
+                .map_err(|e| ApiError::internal("recording the kill switch", e))?;
+            if kill {
+                if changed {
+                    st.kill.kill(crate::db::Killed {
+                        subject: subject.as_str().to_owned(),
+                        since_ns: now,
+                        actor: caller.id().to_owned(),
+                        reason: req.reason.clone(),
+                    });
+                    tracing::warn!(
+                        "{} stopped by {} (kill switch){}",
+                        subject.as_str(),
+                        caller.id(),
+                        req.reason
+                            .as_deref()
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
+                    );
+                }
+            } else if changed {
+                st.kill.resume(subject.as_str());
+                tracing::warn!("{} resumed by {}", subject.as_str(), caller.id());
+            }
+            let mut out = agent_json(subject.as_str(), st.kill.get(subject.as_str()).as_ref());
+            out["changed"] = Value::from(changed);
+            Ok(json::reply(StatusCode::OK, &out))
+        }
+        .await,
+    )
+}
+
+/// `?a=b&c=d` as pairs, percent-decoded (`+` is a space).
+fn query_pairs(uri: &Uri) -> Result<Vec<(String, String)>, ApiError> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Ok((
+                percent_decode(&k.replace('+', " "))?,
+                percent_decode(&v.replace('+', " "))?,
+            ))
+        })
+        .collect()
+}
+
+/// `limit` from the query: 1 to `max`, else `default`.
+fn query_limit(pairs: &[(String, String)], default: u32, max: u32) -> Result<u32, ApiError> {
+    match pairs.iter().find(|(k, _)| k == "limit") {
+        None => Ok(default),
+        Some((_, v)) => match v.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::invalid(
+                "limit",
+                format!("expected a whole number from 1 to {max}, got {v:?}"),
+            )),
+        },
+    }
+}
+
+/// `GET /v1/mesh/agents`: every agent with a policy, a key or a kill record,
+/// its status and usage (`?status=killed|active`, `?limit=`).
+async fn mesh_agents(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let pairs = query_pairs(&uri)?;
+            let limit = query_limit(&pairs, 100, 1_000)?;
+            let status = pairs
+                .iter()
+                .find(|(k, _)| k == "status" || k == "health")
+                .map(|(_, v)| v.as_str());
+            if let Some(s) = status {
+                if s != "killed" && s != "active" {
+                    return Err(ApiError::invalid(
+                        "status",
+                        format!("expected \"killed\" or \"active\", got {s:?}"),
+                    ));
+                }
+            }
+            let mut names: std::collections::BTreeSet<String> = st
+                .policies
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys()
+                .cloned()
+                .collect();
+            names.extend(st.keys.list().iter().map(|k| k.subject.as_str().to_owned()));
+            names.extend(
+                st.db
+                    .killed()
+                    .await
+                    .map_err(|e| ApiError::internal("reading the kill switch", e))?
+                    .into_iter()
+                    .map(|k| k.subject),
+            );
+            let mut agents = Vec::new();
+            for name in names {
+                let Ok(subject) = Subject::parse(&name) else {
+                    continue;
+                };
+                if subject.kind() != SubjectKind::Agent || subject.is_wildcard() {
+                    continue;
+                }
+                let killed = st.kill.get(&name).is_some();
+                if status.is_some_and(|s| (s == "killed") != killed) {
+                    continue;
+                }
+                if agents.len() >= limit as usize {
+                    break;
+                }
+                agents.push(agent_detail(&st, &subject).await?);
+            }
+            Ok(json::reply(StatusCode::OK, &json!({ "agents": agents })))
+        }
+        .await,
+    )
+}
+
+/// `GET /v1/mesh/events`: kills and resumes, newest first (`?event_type=`, `?limit=`).
+async fn mesh_events(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let pairs = query_pairs(&uri)?;
+            let limit = query_limit(&pairs, 50, 1_000)?;
+            let kind = pairs
+                .iter()
+                .find(|(k, _)| k == "event_type")
+                .map(|(_, v)| v.as_str());
+            if let Some(k) = kind {
+                if k != "kill" && k != "resume" {
+                    return Err(ApiError::invalid(
+                        "event_type",
+                        format!("expected \"kill\" or \"resume\", got {k:?}"),
+                    ));
+                }
+            }
+            let events: Vec<Value> = st
+                .db
+                .mesh_events(limit, kind)
+                .await
+                .map_err(|e| ApiError::internal("reading mesh events", e))?
+                .into_iter()
+                .map(|e| {
+                    json!({
+                        "id": e.seq,
+                        "event_type": e.kind,
+                        "address": e.subject,
+                        "actor": e.actor,
+                        "at": rfc3339(e.ts_ns),
+                        "detail": e.detail.and_then(|d| serde_json::from_str::<Value>(&d).ok()),
+                    })
+                })
+                .collect();
+            Ok(json::reply(StatusCode::OK, &json!({ "events": events })))
         }
         .await,
     )
@@ -1235,50 +1760,215 @@ async fn intent(State(st): St, request: axum::extract::Request) -> Response {
                 subjects.push(k.subject.clone());
             }
         }
+        st.kill.ensure_running(&subjects)?;
         let correlation = req.correlation_id.clone();
         let st2 = Arc::clone(&st);
         let (who, trace) = (caller.id().to_owned(), trace_id(&headers));
         idempotent(&st, &caller, &headers, "intents", &bytes, || async move {
             let request = Request::new(subjects.iter().cloned(), amounts);
             let now = st2.now();
-            match st2.engine.check(&request).await? {
-                Decision::Allowed(statuses) => {
-                    let n = st2.intents.fetch_add(1, Ordering::Relaxed);
-                    let intent_id = format!("int_{}_{n}", st2.engine.boot());
-                    let body = IntentOut {
-                        intent_id: &intent_id,
-                        status: "accepted",
-                        intent_type: &intent_type,
-                        to_agent: subjects[0].as_str(),
-                        limits: statuses_json(&statuses, &subjects, now),
-                    };
-                    let detail = json!({
-                        "intent_type": intent_type,
-                        "correlation_id": correlation,
-                        "trace_id": trace,
-                    })
-                    .to_string();
-                    let row = spend_row(
-                        RowKind::Intent,
-                        now,
-                        &subjects,
-                        amounts,
-                        &who,
-                        Some(intent_id.clone()),
-                        Some(detail),
-                    );
-                    Ok((
-                        Reply::json(StatusCode::OK, &body)
-                            .with_headers(ratelimit::allowed(&statuses, now)),
-                        vec![row],
-                    ))
-                }
-                Decision::Denied(d) => Err(denial_error(&d, &subjects).0),
-            }
+            let (enforced, _forced, statuses) =
+                spend_letting_alerts(&st2, &subjects, amounts, "intents", &who, &request).await?;
+            let enforced = enforced.as_deref().unwrap_or(&subjects);
+            st2.alerts
+                .observe(&st2.policies, enforced, &statuses, now.as_nanos());
+            let n = st2.intents.fetch_add(1, Ordering::Relaxed);
+            let intent_id = format!("int_{}_{n}", st2.engine.boot());
+            let body = IntentOut {
+                intent_id: &intent_id,
+                status: "accepted",
+                intent_type: &intent_type,
+                to_agent: subjects[0].as_str(),
+                limits: statuses_json(&statuses, enforced, now),
+            };
+            let detail = json!({
+                "intent_type": intent_type,
+                "correlation_id": correlation,
+                "trace_id": trace,
+            })
+            .to_string();
+            let row = spend_row(
+                RowKind::Intent,
+                now,
+                &subjects,
+                amounts,
+                &who,
+                Some(intent_id.clone()),
+                Some(detail),
+            );
+            Ok((
+                Reply::json(StatusCode::OK, &body).with_headers(ratelimit::allowed(&statuses, now)),
+                vec![row],
+            ))
         })
         .await
     }
     .await;
     observe(&st, Endpoint::Intent, started, &r);
     result(r)
+}
+
+// ---------------------------------------------------------------- audit
+
+/// An instant from a query: RFC 3339, or seconds since the epoch.
+fn query_time(field: &str, v: &str) -> Result<u64, ApiError> {
+    if let Ok(secs) = v.parse::<u64>() {
+        return secs
+            .checked_mul(1_000_000_000)
+            .ok_or_else(|| ApiError::invalid(field, format!("{v} seconds is too far out")));
+    }
+    let t: jiff::Timestamp = v.parse().map_err(|e| {
+        ApiError::invalid(
+            field,
+            format!("expected RFC 3339 (2026-11-22T10:00:00Z) or seconds since the epoch, got {v:?}: {e}"),
+        )
+    })?;
+    u64::try_from(t.as_nanosecond())
+        .map_err(|_| ApiError::invalid(field, format!("{v:?} is before 1970")))
+}
+
+/// `GET /v1/audit?subject=&kind=&since=&until=&after=&limit=`: the trail,
+/// oldest first; `next_after` pages on.
+async fn audit(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let pairs = query_pairs(&uri)?;
+            let mut q = crate::db::AuditQuery {
+                limit: query_limit(&pairs, 100, 1_000)?,
+                ..crate::db::AuditQuery::default()
+            };
+            for (k, v) in &pairs {
+                match k.as_str() {
+                    "subject" => {
+                        let s = Subject::parse(v)
+                            .map_err(|e| ApiError::invalid("subject", e.to_string()))?;
+                        q.subject = Some(s.as_str().to_owned());
+                    }
+                    "kind" => {
+                        const KINDS: &[&str] = &[
+                            "policy",
+                            "key",
+                            "agent",
+                            "breach",
+                            "policy.created",
+                            "policy.changed",
+                            "policy.deleted",
+                            "key.created",
+                            "key.revoked",
+                            "agent.killed",
+                            "agent.resumed",
+                            "breach.dropped",
+                            "alert",
+                            "alert.sent",
+                            "alert.failed",
+                        ];
+                        if !KINDS.contains(&v.as_str()) {
+                            return Err(ApiError::invalid(
+                                "kind",
+                                format!("expected one of {}, got {v:?}", KINDS.join(", ")),
+                            ));
+                        }
+                        q.kind = Some(v.clone());
+                    }
+                    "since" => q.since_ns = Some(query_time("since", v)?),
+                    "until" => q.until_ns = Some(query_time("until", v)?),
+                    "after" => {
+                        q.after = v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                            ApiError::invalid("after", format!("expected a record id, got {v:?}"))
+                        })?;
+                    }
+                    "limit" => {}
+                    other => {
+                        return Err(ApiError::invalid(
+                            other,
+                            "unknown parameter (subject, kind, since, until, after, limit)",
+                        ));
+                    }
+                }
+            }
+            let rows = st
+                .db
+                .audit(&q)
+                .await
+                .map_err(|e| ApiError::internal("reading the audit trail", e))?;
+            let next = (rows.len() == q.limit as usize)
+                .then(|| rows.last().map(|r| r.seq))
+                .flatten();
+            let records: Vec<Value> = rows
+                .into_iter()
+                .map(|r| {
+                    json!({
+                        "id": r.seq,
+                        "at": rfc3339(r.ts_ns),
+                        "kind": r.kind,
+                        "subject": r.subject,
+                        "actor": r.actor,
+                        "detail": r.detail.and_then(|d| serde_json::from_str::<Value>(&d).ok()),
+                    })
+                })
+                .collect();
+            Ok(json::reply(
+                StatusCode::OK,
+                &json!({ "records": records, "next_after": next }),
+            ))
+        }
+        .await,
+    )
+}
+
+/// `GET /v1/alerts?status=&limit=`: early warnings raised, newest first,
+/// with their delivery outcome.
+async fn alerts(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let pairs = query_pairs(&uri)?;
+            let limit = query_limit(&pairs, 50, 1_000)?;
+            let status = pairs
+                .iter()
+                .find(|(k, _)| k == "status")
+                .map(|(_, v)| v.as_str());
+            if let Some(s) = status {
+                if !["pending", "delivered", "failed", "recorded"].contains(&s) {
+                    return Err(ApiError::invalid(
+                        "status",
+                        format!("expected pending, delivered, failed or recorded, got {s:?}"),
+                    ));
+                }
+            }
+            let rows = st
+                .db
+                .alerts(status, limit)
+                .await
+                .map_err(|e| ApiError::internal("reading alerts", e))?;
+            let alerts: Vec<Value> = rows
+                .into_iter()
+                .map(|a| {
+                    let metric: sluice_core::Metric =
+                        a.metric.parse().unwrap_or(sluice_core::Metric::Requests);
+                    json!({
+                        "id": a.seq,
+                        "at": rfc3339(a.ts_ns),
+                        "subject": a.subject,
+                        "metric": a.metric,
+                        "window": a.window,
+                        "threshold": f64::from(a.threshold_bp) / 10_000.0,
+                        "used": metric_value(metric, a.used),
+                        "limit": metric_value(metric, a.limit),
+                        "status": a.status,
+                        "attempts": a.attempts,
+                        "last_error": a.last_error,
+                        "delivered_at": a.delivered_ns.map(rfc3339),
+                    })
+                })
+                .collect();
+            let dropped = st.alerts.dropped.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(json::reply(
+                StatusCode::OK,
+                &json!({ "alerts": alerts, "dropped_on_this_replica": dropped }),
+            ))
+        }
+        .await,
+    )
 }

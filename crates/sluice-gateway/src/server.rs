@@ -78,6 +78,12 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Configuration.
     pub config: Config,
+    /// Agents an operator stopped.
+    pub kill: crate::killswitch::KillSwitch,
+    /// Refusals waiting for the audit trail.
+    pub breaches: crate::audit::Breaches,
+    /// Early warnings.
+    pub alerts: crate::alerts::Alerts,
     /// Intent id counter.
     pub intents: AtomicU64,
     /// The proxy's client to upstream providers.
@@ -261,6 +267,15 @@ impl Gateway {
             clock.clone(),
         )
         .map_err(|e| StartError::Io(format!("cannot open the ledger for writing: {e}")))?;
+        let (alerts, alert_rx) = crate::alerts::Alerts::new();
+        if policies
+            .values()
+            .any(|p: &StoredPolicy| p.body.alert_at.is_some())
+        {
+            alerts.enable();
+        }
+        let kill = crate::killswitch::KillSwitch::default();
+        kill.set_all(db.killed().await?);
         let idempotency = Arc::new(Idempotency::default());
         let now = clock.now();
         idempotency.load(
@@ -279,6 +294,9 @@ impl Gateway {
             policy_write: tokio::sync::Mutex::new(()),
             idempotency,
             metrics: Metrics::default(),
+            kill,
+            breaches: crate::audit::Breaches::default(),
+            alerts,
             intents: AtomicU64::new(1),
             upstream_urls: crate::proxy::upstream_urls(&config.proxy).map_err(StartError::Io)?,
             http: reqwest::Client::builder()
@@ -298,6 +316,8 @@ impl Gateway {
         let mut tasks = vec![
             tokio::spawn(expire_leases(Arc::clone(&state))),
             tokio::spawn(prune(Arc::clone(&state))),
+            tokio::spawn(write_breaches(Arc::clone(&state))),
+            tokio::spawn(crate::alerts::run(Arc::clone(&state), alert_rx)),
         ];
         if let crate::db::Pool::Postgres(pool) = state.db.pool() {
             tasks.push(tokio::spawn(follow_changes(
@@ -348,6 +368,12 @@ impl Gateway {
         }
         // Settle what has expired so its rows are written before exit.
         settle_expired(&self.state).await;
+        let breaches = self.state.breaches.drain();
+        if !breaches.is_empty() {
+            if let Err(e) = self.state.db.audit_many(&breaches).await {
+                tracing::warn!("writing {} breach records: {e}", breaches.len());
+            }
+        }
         self.state.ledger.flush().await;
         self.state.db.close().await;
     }
@@ -417,6 +443,7 @@ pub async fn reload(state: &AppState) -> Result<(), DbError> {
     for id in known.difference(&live) {
         state.keys.remove(id);
     }
+    state.kill.set_all(state.db.killed().await?);
     let rows = state.db.policies().await?;
     let present: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     let gone: Vec<String> = state
@@ -449,6 +476,9 @@ pub async fn reload(state: &AppState) -> Result<(), DbError> {
         }
         if let Some((s, stored, policy)) = stored_policy(subject, body, *updated_ns) {
             state.engine.set_policy(&s, policy);
+            if stored.body.alert_at.is_some() {
+                state.alerts.enable();
+            }
             state
                 .policies
                 .write()
@@ -644,6 +674,33 @@ async fn expire_leases(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         settle_expired(&state).await;
+    }
+}
+
+/// Breach records, once a second; what a failed write leaves is retried
+/// with the next (up to 65,536 records, then the oldest are dropped with a
+/// warning).
+async fn write_breaches(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unwritten: Vec<(u64, crate::db::Audit)> = Vec::new();
+    loop {
+        tick.tick().await;
+        unwritten.extend(state.breaches.drain());
+        if unwritten.is_empty() {
+            continue;
+        }
+        match state.db.audit_many(&unwritten).await {
+            Ok(()) => unwritten.clear(),
+            Err(e) => {
+                tracing::warn!("writing {} breach records: {e}", unwritten.len());
+                if unwritten.len() > 65_536 {
+                    let drop = unwritten.len() - 65_536;
+                    tracing::error!("dropping the {drop} oldest breach records");
+                    unwritten.drain(..drop);
+                }
+            }
+        }
     }
 }
 

@@ -218,6 +218,32 @@ pub struct PolicyBody {
     /// `block` (default), `alert`, `require_approval`, `degrade`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_on_breach: Option<String>,
+    /// Early warnings: fractions of each limit (`[0.5, 0.8, 1.0]`) whose
+    /// first crossing in a window raises one alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_at: Option<Vec<f64>>,
+    /// Graceful degradation of proxied requests as usage grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degrade: Option<Vec<DegradeRule>>,
+    /// With `action_on_breach: "degrade"`: what applies once a limit is
+    /// reached (`block` unless set; `alert` or `require_approval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_action: Option<String>,
+}
+
+/// Once usage of any of the policy's limits reaches `at` (a fraction),
+/// proxied requests are rewritten before their reservation.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DegradeRule {
+    /// The fraction of a limit from which the rule applies.
+    pub at: f64,
+    /// Serve with this configured model instead (same wire format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Cap the request's output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
 }
 
 fn amount_of(metric: Option<Metric>, n: &Number, field: &str) -> Result<u64, ApiError> {
@@ -284,7 +310,95 @@ impl PolicyBody {
             Some(a) => Action::parse(a, "action_on_breach")?,
             None => Action::Block,
         };
+        let fallback = match &self.fallback_action {
+            Some(_) if action != Action::Degrade => {
+                return Err(ApiError::invalid(
+                    "fallback_action",
+                    "applies only with action_on_breach \"degrade\"",
+                ));
+            }
+            Some(a) => match Action::parse(a, "fallback_action")? {
+                Action::Degrade => {
+                    return Err(ApiError::invalid(
+                        "fallback_action",
+                        "what applies at 100% cannot be degrade: expected block, alert or require_approval",
+                    ));
+                }
+                other => other,
+            },
+            None => Action::Block,
+        };
+        if action == Action::Degrade && self.degrade.as_deref().unwrap_or_default().is_empty() {
+            return Err(ApiError::invalid(
+                "degrade",
+                "action_on_breach \"degrade\" needs degrade rules, e.g. [{\"at\": 0.8, \"model\": \"a-cheaper-model\"}]",
+            ));
+        }
+        // Degrade rules act before the limit; at the limit the fallback decides.
+        let action = if action == Action::Degrade {
+            fallback
+        } else {
+            action
+        };
+        let at = self.alert_at.as_deref().unwrap_or_default();
+        if at.len() > 10 {
+            return Err(ApiError::invalid("alert_at", "at most 10 thresholds"));
+        }
+        for (i, f) in at.iter().enumerate() {
+            if !(f.is_finite() && *f > 0.0 && *f <= 1.0) {
+                return Err(ApiError::invalid(
+                    format!("alert_at[{i}]"),
+                    format!("must be a fraction of the limit above 0 and at most 1, got {f}"),
+                ));
+            }
+            if at[..i].iter().any(|g| (g - f).abs() < 1e-4) {
+                return Err(ApiError::invalid(
+                    format!("alert_at[{i}]"),
+                    format!("{f} is listed twice"),
+                ));
+            }
+        }
+        let rules = self.degrade.as_deref().unwrap_or_default();
+        if rules.len() > 10 {
+            return Err(ApiError::invalid("degrade", "at most 10 rules"));
+        }
+        for (i, r) in rules.iter().enumerate() {
+            if !(r.at.is_finite() && r.at > 0.0 && r.at < 1.0) {
+                return Err(ApiError::invalid(
+                    format!("degrade[{i}].at"),
+                    format!(
+                        "must be a fraction of the limit above 0 and below 1 (at 1 the limit refuses), got {}",
+                        r.at
+                    ),
+                ));
+            }
+            if r.model.is_none() && r.max_tokens.is_none() {
+                return Err(ApiError::invalid(
+                    format!("degrade[{i}]"),
+                    "set model, max_tokens, or both",
+                ));
+            }
+            if r.max_tokens == Some(0) {
+                return Err(ApiError::invalid(
+                    format!("degrade[{i}].max_tokens"),
+                    "must be at least 1",
+                ));
+            }
+        }
         Ok((policy, action))
+    }
+
+    /// The early-warning thresholds in basis points (0.8 -> 8000), ascending.
+    pub fn alert_bp(&self) -> Vec<u32> {
+        let mut bp: Vec<u32> = self
+            .alert_at
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|f| (f * 10_000.0).round().clamp(1.0, 10_000.0) as u32)
+            .collect();
+        bp.sort_unstable();
+        bp
     }
 }
 
@@ -310,13 +424,19 @@ pub fn policy_json(subject: &str, body: &PolicyBody, policy: &Policy, updated_ns
             v
         })
         .collect();
-    json!({
+    let mut v = json!({
         "subject": subject,
         "limits": limits,
         "timezone": policy.timezone(),
         "action_on_breach": body.action_on_breach.as_deref().unwrap_or("block"),
+        "alert_at": body.alert_at.clone().unwrap_or_default(),
+        "degrade": body.degrade.clone().unwrap_or_default(),
         "updated_at": rfc3339(updated_ns),
-    })
+    });
+    if body.action_on_breach.as_deref() == Some("degrade") {
+        v["fallback_action"] = Value::from(body.fallback_action.as_deref().unwrap_or("block"));
+    }
+    v
 }
 
 /// RFC 3339 (UTC) of an instant in ns: `2027-01-15T08:00:00Z`, with the

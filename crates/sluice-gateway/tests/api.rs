@@ -847,3 +847,370 @@ async fn ledger_sync_always_and_metrics() {
     assert!(text.contains("sluice_ledger_lag_seconds"));
     s.stop().await;
 }
+
+/// The kill switch: a stopped agent gets 403 on check, reserve and intents
+/// (its key's and the admin's), whatever its limits say; a reservation made
+/// before the kill still settles; kills and resumes are listed as events,
+/// once each; only the admin may flip it; resuming restores service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_switch_stops_an_agent_at_once_and_resume_restores_it() {
+    let dir = TempDir::new("kill");
+    let s = Server::start(&dir).await;
+    let agent = "agent://acme/prod/runaway";
+    let k = s
+        .admin(Method::POST, "/v1/keys", Some(json!({"subject": agent})))
+        .await;
+    let key = k.body["key"].as_str().unwrap().to_owned();
+    let check = || {
+        s.call(
+            Method::POST,
+            "/v1/check",
+            &key,
+            Some(json!({"subjects": [agent]})),
+        )
+    };
+    assert_eq!(check().await.status, StatusCode::OK);
+    let held = s
+        .call(
+            Method::POST,
+            "/v1/reserve",
+            &key,
+            Some(json!({"subjects": [agent]})),
+        )
+        .await;
+    assert_eq!(held.status, StatusCode::OK, "{:?}", held.body);
+    let held = held.body["reservation_id"].as_str().unwrap().to_owned();
+
+    // Only the admin flips the switch.
+    let by_agent = s
+        .call(
+            Method::POST,
+            &format!("/v1/mesh/agents/{agent}/kill"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(by_agent.status, StatusCode::FORBIDDEN);
+    let killed = s
+        .admin(
+            Method::POST,
+            &format!("/v1/mesh/agents/{agent}/kill"),
+            Some(json!({"reason": "retry loop"})),
+        )
+        .await;
+    assert_eq!(killed.status, StatusCode::OK, "{:?}", killed.body);
+    assert_eq!(killed.body["status"], "killed");
+    assert_eq!(killed.body["changed"], true);
+    assert_eq!(killed.body["reason"], "retry loop");
+    let again = s
+        .admin(Method::POST, &format!("/v1/mesh/agents/{agent}/kill"), None)
+        .await;
+    assert_eq!(again.body["changed"], false);
+
+    let refused = check().await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.body["error"]["type"], "agent_killed");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry loop"),
+        "{:?}",
+        refused.body
+    );
+    let reserve = s
+        .call(
+            Method::POST,
+            "/v1/reserve",
+            &key,
+            Some(json!({"subjects": [agent]})),
+        )
+        .await;
+    assert_eq!(reserve.status, StatusCode::FORBIDDEN);
+    // The admin naming it is refused too, and so is an intent to it.
+    let by_admin = s
+        .admin(
+            Method::POST,
+            "/v1/check",
+            Some(json!({"subjects": ["user:1", agent]})),
+        )
+        .await;
+    assert_eq!(by_admin.status, StatusCode::FORBIDDEN);
+    let intent = s
+        .admin(
+            Method::POST,
+            "/v1/intents",
+            Some(json!({"intent_type": "x", "to_agent": agent})),
+        )
+        .await;
+    assert_eq!(intent.status, StatusCode::FORBIDDEN);
+    // Other agents are untouched.
+    let other = s
+        .admin(
+            Method::POST,
+            "/v1/check",
+            Some(json!({"subjects": ["agent://acme/prod/fine"]})),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::OK);
+    // In flight before the kill: it settles.
+    let commit = s
+        .call(
+            Method::POST,
+            &format!("/v1/reservations/{held}/commit"),
+            &key,
+            Some(json!({"amounts": {"requests": 1}})),
+        )
+        .await;
+    assert_eq!(commit.status, StatusCode::OK, "{:?}", commit.body);
+
+    let list = s
+        .admin(Method::GET, "/v1/mesh/agents?status=killed", None)
+        .await;
+    assert_eq!(list.status, StatusCode::OK, "{:?}", list.body);
+    let agents = list.body["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert_eq!(agents[0]["address"], agent);
+    let one = s
+        .call(Method::GET, &format!("/v1/mesh/agents/{agent}"), &key, None)
+        .await;
+    assert_eq!(one.status, StatusCode::OK, "{:?}", one.body);
+    assert_eq!(one.body["status"], "killed");
+
+    let resumed = s
+        .admin(
+            Method::POST,
+            &format!("/v1/mesh/agents/{agent}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!(resumed.body["status"], "active");
+    assert_eq!(check().await.status, StatusCode::OK);
+
+    let events = s.admin(Method::GET, "/v1/mesh/events", None).await;
+    let kinds: Vec<&str> = events.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["resume", "kill"], "newest first, one each");
+    assert_eq!(events.body["events"][1]["actor"], "admin");
+    assert_eq!(events.body["events"][1]["detail"]["reason"], "retry loop");
+    let only = s
+        .admin(Method::GET, "/v1/mesh/events?event_type=kill&limit=5", None)
+        .await;
+    assert_eq!(only.body["events"].as_array().unwrap().len(), 1);
+    for (path, field) in [
+        ("/v1/mesh/events?limit=0", "limit"),
+        ("/v1/mesh/events?event_type=boom", "event_type"),
+        ("/v1/mesh/agents?status=zombie", "status"),
+    ] {
+        let bad = s.admin(Method::GET, path, None).await;
+        assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{path}");
+        assert_eq!(bad.body["error"]["field"], field, "{path}");
+    }
+    let not_agent = s
+        .admin(Method::POST, "/v1/mesh/agents/user:1/kill", None)
+        .await;
+    assert_eq!(not_agent.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let unknown = s
+        .admin(
+            Method::POST,
+            &format!("/v1/mesh/agents/{agent}/explode"),
+            None,
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+
+    // The switch survives a restart.
+    let again = s
+        .admin(Method::POST, &format!("/v1/mesh/agents/{agent}/kill"), None)
+        .await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    assert_eq!(again.body["status"], "killed");
+    let clock = s.stop().await;
+    let s = Server::start_with(&dir, "", clock).await;
+    let after = s
+        .call(
+            Method::POST,
+            "/v1/check",
+            &key,
+            Some(json!({"subjects": [agent]})),
+        )
+        .await;
+    assert_eq!(after.status, StatusCode::FORBIDDEN);
+}
+
+/// The audit trail of a scripted session: every change appears, in order,
+/// with its actor and (for policies) the old and new bodies; refusals are
+/// breach records counting the refusals they stand for; filters and paging;
+/// the API cannot change it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_trail_records_every_change_in_order_with_its_actor() {
+    let dir = TempDir::new("audit");
+    let s = Server::start(&dir).await;
+    let agent = "agent://acme/prod/audited";
+    let limit = |n: u64| json!({"limits": [{"metric": "requests", "limit": n, "window": "1h"}]});
+    s.admin(Method::PUT, "/v1/policies/user:7", Some(limit(5)))
+        .await;
+    s.admin(Method::PUT, "/v1/policies/user:7", Some(limit(6)))
+        .await;
+    let k = s
+        .admin(Method::POST, "/v1/keys", Some(json!({"subject": agent})))
+        .await;
+    let key = k.body["key"].as_str().unwrap().to_owned();
+    let key_id = k.body["id"].as_str().unwrap().to_owned();
+    s.admin(
+        Method::PUT,
+        &format!("/v1/policies/{agent}"),
+        Some(limit(1)),
+    )
+    .await;
+    let check = json!({"subjects": [agent]});
+    for want in [
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        let r = s
+            .call(Method::POST, "/v1/check", &key, Some(check.clone()))
+            .await;
+        assert_eq!(r.status, want);
+    }
+    // Breach records are written off the request path, once a second (bounded wait).
+    let mut breach = Value::Null;
+    for _ in 0..100 {
+        let r = s.admin(Method::GET, "/v1/audit?kind=breach", None).await;
+        if let Some(b) = r.body["records"].as_array().and_then(|a| a.first()) {
+            breach = b.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(breach["subject"], agent, "{breach}");
+    assert_eq!(breach["actor"], key_id.as_str());
+    assert_eq!(breach["detail"]["refusals"], 2, "{breach}");
+    assert_eq!(breach["detail"]["metric"], "requests");
+    assert_eq!(breach["detail"]["window"], "1h");
+    assert_eq!(breach["detail"]["limit"], 1);
+    assert_eq!(breach["detail"]["action"], "block");
+    s.admin(
+        Method::POST,
+        &format!("/v1/mesh/agents/{agent}/kill"),
+        Some(json!({"reason": "audit"})),
+    )
+    .await;
+    s.admin(
+        Method::POST,
+        &format!("/v1/mesh/agents/{agent}/resume"),
+        None,
+    )
+    .await;
+    let r = s
+        .admin(Method::DELETE, &format!("/v1/keys/{key_id}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = s.admin(Method::DELETE, "/v1/policies/user:7", None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    // Not changes: nothing recorded.
+    s.admin(Method::DELETE, "/v1/policies/user:7", None).await;
+    s.admin(Method::GET, "/v1/policies", None).await;
+
+    let all = s.admin(Method::GET, "/v1/audit", None).await;
+    assert_eq!(all.status, StatusCode::OK, "{:?}", all.body);
+    let records = all.body["records"].as_array().unwrap();
+    let got: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap(),
+                r["subject"].as_str().unwrap(),
+                r["actor"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("policy.created", "user:7", "admin"),
+            ("policy.changed", "user:7", "admin"),
+            ("key.created", agent, "admin"),
+            ("policy.created", agent, "admin"),
+            ("breach", agent, key_id.as_str()),
+            ("agent.killed", agent, "admin"),
+            ("agent.resumed", agent, "admin"),
+            ("key.revoked", agent, "admin"),
+            ("policy.deleted", "user:7", "admin"),
+        ]
+    );
+    assert_eq!(records[1]["detail"]["old"]["limits"][0]["limit"], 5);
+    assert_eq!(records[1]["detail"]["new"]["limits"][0]["limit"], 6);
+    assert_eq!(records[8]["detail"]["old"]["limits"][0]["limit"], 6);
+    assert_eq!(records[2]["detail"]["id"], key_id.as_str());
+    assert!(
+        records[2]["detail"].get("key").is_none(),
+        "no secret in the trail"
+    );
+    assert_eq!(records[5]["detail"]["reason"], "audit");
+    assert!(records[0]["at"].as_str().unwrap().ends_with('Z'));
+    assert!(all.body["next_after"].is_null());
+
+    // Filters and paging.
+    let by_subject = s.admin(Method::GET, "/v1/audit?subject=user:7", None).await;
+    assert_eq!(by_subject.body["records"].as_array().unwrap().len(), 3);
+    let policies = s.admin(Method::GET, "/v1/audit?kind=policy", None).await;
+    assert_eq!(policies.body["records"].as_array().unwrap().len(), 4);
+    let page = s.admin(Method::GET, "/v1/audit?limit=4", None).await;
+    assert_eq!(page.body["records"].as_array().unwrap().len(), 4);
+    let next = page.body["next_after"].as_i64().unwrap();
+    let rest = s
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?after={next}&limit=100"),
+            None,
+        )
+        .await;
+    assert_eq!(rest.body["records"].as_array().unwrap().len(), 5);
+    assert_eq!(rest.body["records"][0]["kind"], "breach");
+    let later = s
+        .admin(Method::GET, "/v1/audit?since=2100-01-01T00:00:00Z", None)
+        .await;
+    assert_eq!(later.body["records"].as_array().unwrap().len(), 0);
+    let until = s.admin(Method::GET, "/v1/audit?until=1", None).await;
+    assert_eq!(until.body["records"].as_array().unwrap().len(), 0);
+    for (path, field) in [
+        ("/v1/audit?kind=everything", "kind"),
+        ("/v1/audit?since=yesterday", "since"),
+        ("/v1/audit?after=-1", "after"),
+        ("/v1/audit?limit=5000", "limit"),
+        ("/v1/audit?subject=nobody", "subject"),
+        ("/v1/audit?colour=red", "colour"),
+    ] {
+        let bad = s.admin(Method::GET, path, None).await;
+        assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{path}");
+        assert_eq!(bad.body["error"]["field"], field, "{path}");
+    }
+    // Agents may not read it; nothing in the API writes it.
+    let k2 = s
+        .admin(
+            Method::POST,
+            "/v1/keys",
+            Some(json!({"subject": "agent://acme/prod/b"})),
+        )
+        .await;
+    let agent_read = s
+        .call(
+            Method::GET,
+            "/v1/audit",
+            k2.body["key"].as_str().unwrap(),
+            None,
+        )
+        .await;
+    assert_eq!(agent_read.status, StatusCode::FORBIDDEN);
+    for method in [Method::POST, Method::PUT, Method::DELETE] {
+        let r = s.admin(method.clone(), "/v1/audit", Some(json!({}))).await;
+        assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+    }
+    s.stop().await;
+}

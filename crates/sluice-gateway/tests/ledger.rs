@@ -31,7 +31,10 @@ fn row(ts_ns: u64, n: u64) -> LedgerRow {
 async fn ledger_since_returns_exactly_the_rows_at_or_after_the_cutoff() {
     let dir = TempDir::new("ledger");
     let db = Db::open(&dir.0, LedgerSync::Batch).await.unwrap();
-    assert_eq!(db.schema_version().await.unwrap(), 2);
+    assert_eq!(
+        db.schema_version().await.unwrap(),
+        sluice_gateway::db::SCHEMA_VERSION
+    );
     let mut sink = SqliteSink::open(&Db::path(&dir.0), LedgerSync::Batch).unwrap();
     // Three days of rows, one a minute, written in batches, a few slightly out of order.
     let t0 = 1_800_000_000 * SEC;
@@ -72,4 +75,45 @@ async fn ledger_since_returns_exactly_the_rows_at_or_after_the_cutoff() {
         all.len() as u64
     );
     db.close().await;
+}
+
+/// Admin writes that read, then write (the kill switch reads the agent's
+/// status first) succeed while the ledger writer commits on its own
+/// connection: a deferred SQLite transaction would fail at once with
+/// "database is locked" when the ledger wrote between its read and its write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_wait_for_the_ledger_writer_instead_of_failing() {
+    let dir = TempDir::new("ledger-contention");
+    let db = Db::open(&dir.0, LedgerSync::Batch).await.unwrap();
+    let path = Db::path(&dir.0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sink = SqliteSink::open(&path, LedgerSync::Batch).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+                sink.write(&[row(n * SEC, n)], &[]).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let audit = sluice_gateway::db::Audit {
+        kind: "agent.killed",
+        subject: "agent://a/b/c".into(),
+        actor: "admin".into(),
+        detail: None,
+    };
+    for i in 0..300u64 {
+        let changed = db
+            .set_killed("agent://a/b/c", i % 2 == 0, i, "admin", None, &audit)
+            .await
+            .unwrap_or_else(|e| panic!("toggle {i}: {e}"));
+        assert!(changed, "toggle {i}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 0);
+    assert_eq!(db.ledger_len().await.unwrap(), written);
 }

@@ -974,3 +974,212 @@ async fn mutated_proxy_requests_never_get_a_5xx_or_leak_a_reservation() {
     assert_eq!(outstanding(&s).await, 0);
     s.stop().await;
 }
+
+/// The kill switch through the proxy: a stream that started before the kill
+/// runs to its end and is charged; after the kill both wires answer 403 in
+/// their own error shape and the upstream is not called; after the resume
+/// calls pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_is_refused_on_both_wires_and_its_open_stream_finishes() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    up.set_chunk_delay(std::time::Duration::from_millis(30));
+    let mut body = chat(100);
+    body["stream"] = json!(true);
+    let stream = stream_call(&s, &key, body).await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let killed = s
+        .admin(
+            Method::POST,
+            &format!("/v1/mesh/agents/{AGENT}/kill"),
+            Some(json!({"reason": "runaway"})),
+        )
+        .await;
+    assert_eq!(killed.status, StatusCode::OK, "{:?}", killed.body);
+    // The open stream is not cut: it runs to [DONE].
+    let text = stream.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+    settled(&s).await;
+    let before = up.requests();
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(10)))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    assert_eq!(r.body["error"]["code"], "agent_killed");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("runaway")
+    );
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/messages",
+            &key,
+            Some(json!({"model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    assert_eq!(r.body["type"], "error");
+    assert_eq!(r.body["error"]["type"], "permission_error");
+    assert_eq!(
+        up.requests(),
+        before,
+        "nothing forwarded for a killed agent"
+    );
+    s.admin(
+        Method::POST,
+        &format!("/v1/mesh/agents/{AGENT}/resume"),
+        None,
+    )
+    .await;
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(10)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(up.requests(), before + 1);
+    s.stop().await;
+}
+
+/// `action_on_breach: "alert"` through the proxy: a call past the agent's
+/// budget is forwarded (not refused) and charged exactly; the usage shows
+/// the overshoot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_action_forwards_past_the_budget_and_charges_it() {
+    let (s, up, key, _dir) = setup(0.01).await;
+    let r = s
+        .admin(
+            Method::PUT,
+            &format!("/v1/policies/{AGENT}"),
+            Some(json!({"limits": [{"metric": "cost_usd", "limit": 0.01, "window": "day"}], "action_on_breach": "alert"})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    up.set_usage(Usage {
+        input: 1_000,
+        cached: 0,
+        output: 1_000,
+    }); // $0.01 a call: the whole budget
+    for _ in 0..3 {
+        let r = s
+            .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    assert_eq!(up.requests(), 3, "every call forwarded");
+    settled(&s).await;
+    let u = usage(&s).await;
+    assert_eq!(u["limits"][0]["used"], 0.03, "charged past the budget: {u}");
+    s.stop().await;
+}
+
+/// `degrade` rules: from half the budget the fake upstream receives the
+/// cheaper model, from 80% also the capped `max_tokens`; the cost charged is
+/// the cheaper model's; responses say what changed; at 100% the fallback
+/// action (block) refuses without calling the upstream. Bad rules are 422s
+/// naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degrade_rules_swap_the_model_and_cap_max_tokens_as_the_budget_fills() {
+    let (s, up, key, _dir) = setup(0.10).await;
+    let policy = json!({
+        "limits": [{"metric": "cost_usd", "limit": 0.10, "window": "day"}],
+        "action_on_breach": "degrade",
+        "degrade": [{"at": 0.5, "model": "gpt-backup"}, {"at": 0.8, "max_tokens": 50}],
+    });
+    let r = s
+        .admin(
+            Method::PUT,
+            &format!("/v1/policies/{AGENT}"),
+            Some(policy.clone()),
+        )
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    assert_eq!(r.body["fallback_action"], "block");
+    assert_eq!(r.body["degrade"][1]["max_tokens"], 50);
+    // $0.01 a call on gpt-test (1000 × $2 + 1000 × $8 per million), $0.005 on gpt-backup.
+    up.set_usage(Usage {
+        input: 1_000,
+        cached: 0,
+        output: 1_000,
+    });
+    let mut seen = Vec::new();
+    for i in 1..=15 {
+        let r = s
+            .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "call {i}: {:?}", r.body);
+        let got = up.received().last().unwrap().body.clone();
+        seen.push((
+            r.header("x-sluice-degraded").map(str::to_owned),
+            r.header("x-sluice-model").unwrap().to_owned(),
+            got["model"].as_str().unwrap().to_owned(),
+            got["max_tokens"].as_u64().unwrap(),
+        ));
+    }
+    for (i, (degraded, served, upstream_model, max_tokens)) in seen.iter().enumerate() {
+        let call = i + 1;
+        let (want_degraded, want_served, want_upstream, want_max) = match call {
+            1..=5 => (None, "gpt-test", "fake-model-1", 1000),
+            6..=11 => (Some("model=gpt-backup"), "gpt-backup", "gpt-backup", 1000),
+            _ => (
+                Some("model=gpt-backup, max_tokens=50"),
+                "gpt-backup",
+                "gpt-backup",
+                50,
+            ),
+        };
+        assert_eq!(degraded.as_deref(), want_degraded, "call {call}");
+        assert_eq!(served, want_served, "call {call}");
+        assert_eq!(upstream_model, want_upstream, "call {call}");
+        assert_eq!(*max_tokens, want_max, "call {call}");
+    }
+    // 5 × $0.01 + 10 × $0.005: the cheaper model's prices were charged.
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.1);
+    let backup = s
+        .admin(Method::GET, "/v1/usage/model:gpt-backup", None)
+        .await;
+    assert_eq!(backup.status, StatusCode::OK, "{:?}", backup.body);
+    // At 100% the fallback action applies: refused, upstream not called.
+    let before = up.requests();
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert_eq!(up.requests(), before);
+    assert_eq!(outstanding(&s).await, 0);
+
+    for (bad, field) in [
+        (json!([{"at": 1.0, "model": "gpt-backup"}]), "degrade[0].at"),
+        (json!([{"at": 0.0, "model": "gpt-backup"}]), "degrade[0].at"),
+        (json!([{"at": 0.5}]), "degrade[0]"),
+        (
+            json!([{"at": 0.5, "max_tokens": 0}]),
+            "degrade[0].max_tokens",
+        ),
+        (
+            json!([{"at": 0.5, "model": "no-such-model"}]),
+            "degrade[0].model",
+        ),
+        (json!([]), "degrade"),
+    ] {
+        let mut p = policy.clone();
+        p["degrade"] = bad;
+        let r = s
+            .admin(Method::PUT, &format!("/v1/policies/{AGENT}"), Some(p))
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{field}: {:?}",
+            r.body
+        );
+        assert_eq!(r.body["error"]["field"], field, "{:?}", r.body);
+    }
+    let mut p = policy.clone();
+    p["fallback_action"] = json!("degrade");
+    let r = s
+        .admin(Method::PUT, &format!("/v1/policies/{AGENT}"), Some(p))
+        .await;
+    assert_eq!(r.body["error"]["field"], "fallback_action", "{:?}", r.body);
+    s.stop().await;
+}

@@ -131,8 +131,11 @@ impl std::fmt::Debug for RedisStore {
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://`, `valkey://`, or with TLS `rediss://`, `valkeys://`.
     pub url: String,
+    /// For TLS: PEM certificates to trust instead of the system's roots and
+    /// the bundled Mozilla roots (a private CA).
+    pub tls_ca: Option<Vec<u8>>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// A call slower than this fails (and `on_store_error` decides).
@@ -145,7 +148,16 @@ impl RedisStore {
     /// `clock` is the replica's clock, used only to compute calendar window
     /// ends around now; decisions use the server's time.
     pub fn open(config: &RedisConfig, clock: Arc<dyn Clock>) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(config.url.as_str())?;
+        let client = match &config.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )?,
+            None => redis::Client::open(config.url.as_str())?,
+        };
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.timeout))
             .set_connection_timeout(Some(config.timeout))
@@ -537,6 +549,29 @@ impl RedisLimiter {
             )
             .await?;
         Ok(timed_decision(&plan, request, a))
+    }
+
+    /// Take the amounts without deciding (past every limit: a request let
+    /// through on purpose); the levels after.
+    pub async fn force(&self, request: &Request) -> Result<Timed<Statuses>, StoreError> {
+        let plan = self.table.plan(request);
+        let a = self
+            .store
+            .acquire(
+                Time::Server,
+                &plan.subjects(),
+                &request.amounts,
+                Take::Force,
+                "",
+                "",
+            )
+            .await?;
+        let now = a.now;
+        let value = match a.outcome {
+            Ok(acquired) => plan.statuses(&acquired.levels),
+            Err(_) => Statuses::new(),
+        };
+        Ok(Timed { now, value })
     }
 
     /// Decide without taking anything.

@@ -61,10 +61,55 @@ pub enum KeysCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Stop an agent now, whatever its limits say (403 on every decision
+    /// and proxied call naming it until resumed; in-flight calls finish).
+    Kill {
+        /// The agent's address, e.g. agent://acme/prod/bot.
+        address: String,
+        /// Why (kept in the event log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume a stopped agent.
+    Resume {
+        /// The agent's address.
+        address: String,
+    },
+    /// List agents with their status.
+    List,
+}
+
+/// `sluice audit`'s filters.
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// Only this subject.
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Only this kind: policy, key, agent, breach, or an exact one (policy.changed, ...).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// From this time (RFC 3339 or seconds since the epoch).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// After this record id (paging).
+    #[arg(long)]
+    pub after: Option<u64>,
+    /// At most this many records (1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+}
+
 pub enum Op {
     Policy(PolicyCommand),
     Usage(String),
     Keys(KeysCommand),
+    Agents(AgentsCommand),
+    Audit(AuditArgs),
 }
 
 /// Percent-encode a subject for a path.
@@ -417,6 +462,111 @@ async fn execute(client: &Client, op: Op, as_json: bool) -> Result<String, Strin
                 .await?;
             let msg = format!("revoked {id}");
             (json!({"revoked": id}), Box::new(move |_| msg.clone()))
+        }
+        Op::Agents(AgentsCommand::Kill { address, reason }) => {
+            let body = json!({ "reason": reason });
+            let v = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/mesh/agents/{}/kill", encode(&address)),
+                    Some(&body),
+                )
+                .await?;
+            (
+                v,
+                Box::new(|v| {
+                    let already = if v["changed"] == Value::Bool(false) {
+                        " (it already was)"
+                    } else {
+                        ""
+                    };
+                    format!("stopped {}{already}", s(&v["address"]))
+                }),
+            )
+        }
+        Op::Agents(AgentsCommand::Resume { address }) => {
+            let v = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/mesh/agents/{}/resume", encode(&address)),
+                    None,
+                )
+                .await?;
+            (
+                v,
+                Box::new(|v| {
+                    let already = if v["changed"] == Value::Bool(false) {
+                        " (it was not stopped)"
+                    } else {
+                        ""
+                    };
+                    format!("resumed {}{already}", s(&v["address"]))
+                }),
+            )
+        }
+        Op::Agents(AgentsCommand::List) => {
+            let v = client.call(Method::GET, "/v1/mesh/agents", None).await?;
+            (
+                v,
+                Box::new(|v| {
+                    let rows = v["agents"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            vec![
+                                s(&a["address"]),
+                                s(&a["status"]),
+                                s(&a["killed_at"]),
+                                s(&a["reason"]),
+                            ]
+                        })
+                        .collect();
+                    table(&["ADDRESS", "STATUS", "SINCE", "REASON"], rows)
+                }),
+            )
+        }
+        Op::Audit(a) => {
+            let mut query = vec![format!("limit={}", a.limit)];
+            for (k, v) in [
+                ("subject", a.subject),
+                ("kind", a.kind),
+                ("since", a.since),
+                ("until", a.until),
+                ("after", a.after.map(|n| n.to_string())),
+            ] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", encode(&v)));
+                }
+            }
+            let v = client
+                .call(Method::GET, &format!("/v1/audit?{}", query.join("&")), None)
+                .await?;
+            (
+                v,
+                Box::new(|v| {
+                    let rows = v["records"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| {
+                            vec![
+                                s(&r["id"]),
+                                s(&r["at"]),
+                                s(&r["kind"]),
+                                s(&r["subject"]),
+                                s(&r["actor"]),
+                                s(&r["detail"]),
+                            ]
+                        })
+                        .collect();
+                    let mut out = table(&["ID", "AT", "KIND", "SUBJECT", "ACTOR", "DETAIL"], rows);
+                    if !v["next_after"].is_null() {
+                        out.push_str(&format!("\nmore: --after {}", s(&v["next_after"])));
+                    }
+                    out
+                }),
+            )
         }
     };
     Ok(if as_json {

@@ -79,6 +79,20 @@ enum Command {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Read the audit trail (policy and key changes, kills, breaches).
+    Audit {
+        #[command(flatten)]
+        args: cli::AuditArgs,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// The kill switch: stop, resume and list agents.
+    Agents {
+        #[command(subcommand)]
+        command: cli::AgentsCommand,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
 }
 
 /// `SLUICE_*` settings and the whole environment (for providers' `api_key_env`).
@@ -231,6 +245,8 @@ fn main() -> ExitCode {
             Command::Policy { command, opts } => cli::run(&opts, cli::Op::Policy(command)).await,
             Command::Usage { subject, opts } => cli::run(&opts, cli::Op::Usage(subject)).await,
             Command::Keys { command, opts } => cli::run(&opts, cli::Op::Keys(command)).await,
+            Command::Agents { command, opts } => cli::run(&opts, cli::Op::Agents(command)).await,
+            Command::Audit { args, opts } => cli::run(&opts, cli::Op::Audit(args)).await,
         }
     })
 }

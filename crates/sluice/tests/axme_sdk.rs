@@ -65,5 +65,22 @@ fn the_seed_scripts_and_the_official_axme_sdk_work_against_sluice() {
     let out = script(&python, "check_usage.py", &server.url, key);
     assert!(out.contains("'intents_per_hour': 200"), "{out}");
     assert!(out.contains("'intents_per_day': 200"), "{out}");
+
+    // The kill switch through the SDK's mesh.kill / mesh.resume.
+    let out = script(&python, "kill_switch.py", &server.url, key);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["before"], serde_json::json!(["sent", 200]), "{v}");
+    assert_eq!(v["kill"]["status"], "killed", "{v}");
+    assert_eq!(v["killed"], serde_json::json!([403, 403]), "{v}");
+    let agents = v["agents"]["agents"].as_array().unwrap();
+    assert!(
+        agents
+            .iter()
+            .any(|a| a["address"] == "agent://myorg/production/runaway" && a["status"] == "killed"),
+        "{v}"
+    );
+    assert_eq!(v["events"]["events"][0]["event_type"], "kill", "{v}");
+    assert_eq!(v["resume"]["status"], "active", "{v}");
+    assert_eq!(v["after"], serde_json::json!(["sent", 200]), "{v}");
     server.terminate();
 }

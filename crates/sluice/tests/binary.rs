@@ -90,6 +90,39 @@ fn serve_with_defaults_then_the_cli_manages_it() {
     let (ok, out, _) = cli(&["usage", "agent://acme/prod/bot"]);
     assert!(ok && out.contains("REMAINING"), "{out}");
 
+    // The kill switch from the CLI.
+    let (ok, out, err) = cli(&[
+        "agents",
+        "kill",
+        "agent://acme/prod/bot",
+        "--reason",
+        "loop",
+    ]);
+    assert!(
+        ok && out.contains("stopped agent://acme/prod/bot"),
+        "{out}{err}"
+    );
+    let check = json!({"subjects": ["agent://acme/prod/bot"]});
+    assert_eq!(post_status(&url, "/v1/check", &key, &check), 403);
+    let (ok, out, _) = cli(&["agents", "list"]);
+    assert!(
+        ok && out.contains("killed") && out.contains("loop"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["agents", "resume", "agent://acme/prod/bot"]);
+    assert!(ok && out.contains("resumed agent://acme/prod/bot"), "{out}");
+    assert_eq!(post_status(&url, "/v1/check", &key, &check), 200);
+    let (ok, out, err) = cli(&["audit", "--kind", "agent"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("agent.killed") && out.contains("agent.resumed"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["audit", "--subject", "agent://acme/prod/bot", "--json"]);
+    assert!(ok);
+    let trail: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(trail["records"][0]["kind"], "policy.created", "{trail}");
+
     let (ok, _, _) = cli(&["keys", "revoke", &id]);
     assert!(ok);
     let http = post_status(

@@ -149,6 +149,21 @@ async fn send(
     (status, v)
 }
 
+/// One value from a replica's `/metrics`.
+async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
 fn cleanup_redis(redis: &str, prefix: &str) {
     let _ = Command::new("redis-cli")
         .args(["-u", redis, "--scan", "--pattern", &format!("{prefix}*")])
@@ -199,7 +214,7 @@ fn three_replicas_share_exact_limits() {
                 &http,
                 reqwest::Method::PUT,
                 &format!("{}/v1/policies/{subject}", first.url),
-                Some(json!({ "limits": [limit] })),
+                Some(json!({ "limits": [limit], "alert_at": [0.25, 0.5] })),
             )
             .await;
             assert!(status < 300, "{status} {body}");
@@ -328,6 +343,32 @@ fn three_replicas_share_exact_limits() {
         (a, b)
     });
     assert_eq!(alice["limits"][0]["used"], json!(200), "{alice}");
+    // Every replica saw the budget cross 25% and 50%: raised once each.
+    let budget_alerts = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let mut n = 0;
+        for _ in 0..100 {
+            let (_, list) = send(
+                &http,
+                reqwest::Method::GET,
+                &format!("{}/v1/alerts", urls[0]),
+                None,
+            )
+            .await;
+            n = list["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["subject"] == "team:budget")
+                .count();
+            if n >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        n
+    });
+    assert_eq!(budget_alerts, 2, "one alert per threshold across replicas");
     let used_usd = budget["limits"][0]["used"].as_f64().unwrap();
     assert_eq!(
         (used_usd * 1e6).round() as u64,
@@ -351,7 +392,8 @@ fn three_replicas_share_exact_limits() {
 }
 
 /// A policy changed through one replica is enforced by another without a
-/// restart (PostgreSQL NOTIFY); the delay is printed, not asserted.
+/// restart (PostgreSQL NOTIFY); so are a new key and the kill switch. The
+/// delay is printed, not asserted.
 #[test]
 fn policy_change_reaches_other_replicas() {
     let Some(svc) = services("policy_change_reaches_other_replicas") else {
@@ -438,6 +480,108 @@ fn policy_change_reaches_other_replicas() {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         assert!(ok, "a key made on A never authenticated on B");
+        // The kill switch flipped on A stops the agent on B.
+        let (status, body) = send(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/v1/mesh/agents/agent://acme/prod/x/kill", a.url),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let mut stopped = false;
+        for _ in 0..200 {
+            let (status, _) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{}/v1/check", b.url),
+                Some(json!({"subjects": ["agent://acme/prod/x"]})),
+            )
+            .await;
+            if status == 403 {
+                stopped = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(stopped, "an agent killed through A still passed on B");
+        // One audit trail: B reads what was done through A, in order.
+        let (status, trail) = send(
+            &http,
+            reqwest::Method::GET,
+            &format!("{}/v1/audit?kind=agent&limit=10", b.url),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{trail}");
+        assert_eq!(trail["records"][0]["kind"], "agent.killed", "{trail}");
+        let (_, trail) = send(
+            &http,
+            reqwest::Method::GET,
+            &format!("{}/v1/audit?subject=session:s1", b.url),
+            None,
+        )
+        .await;
+        assert_eq!(trail["records"][0]["kind"], "policy.created", "{trail}");
+        // The alert action on Redis: past the limit, let through and counted;
+        // a reservation made on A and committed on B charges the actual.
+        let (status, _) = send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{}/v1/policies/user:loud", a.url),
+            Some(json!({"limits": [{"metric": "requests", "limit": 1, "window": "1h"}], "action_on_breach": "alert"})),
+        )
+        .await;
+        assert_eq!(status, 201);
+        for _ in 0..3 {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{}/v1/check", a.url),
+                Some(json!({"subjects": ["user:loud"]})),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let (status, held) = send(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/v1/reserve", a.url),
+            Some(json!({"subjects": ["user:loud"], "amounts": {"requests": 5}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{held}");
+        let id = held["reservation_id"].as_str().unwrap();
+        // B charges by its own copy of the policy: wait (bounded) until it has it.
+        for _ in 0..200 {
+            let (status, _) = send(
+                &http,
+                reqwest::Method::GET,
+                &format!("{}/v1/policies/user:loud", b.url),
+                None,
+            )
+            .await;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let (status, body) = send(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/v1/reservations/{id}/commit", b.url),
+            Some(json!({"amounts": {"requests": 2}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let (_, usage) = send(
+            &http,
+            reqwest::Method::GET,
+            &format!("{}/v1/usage/user:loud", b.url),
+            None,
+        )
+        .await;
+        assert_eq!(usage["limits"][0]["used"], 5, "3 checks and the actual 2: {usage}");
     });
     drop((a, b));
     cleanup_redis(&svc.redis, &prefix);
@@ -487,18 +631,8 @@ fn killed_replica_leases_expire_and_settle() {
         // Bounded wait for B's expiry pass to settle A's leases.
         let mut outstanding = u64::MAX;
         for _ in 0..100 {
-            let text = http
-                .get(format!("{b_url}/metrics"))
-                .send()
+            outstanding = metric(&http, &b_url, "sluice_reservations_outstanding")
                 .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            outstanding = text
-                .lines()
-                .find_map(|l| l.strip_prefix("sluice_reservations_outstanding "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
                 .map_or(u64::MAX, |v| v as u64);
             if outstanding == 0 {
                 break;
@@ -672,20 +806,8 @@ fn redis_outage_follows_on_store_error() {
             }
         }
         assert_eq!(local_ok, 5);
-        let metrics = http
-            .get(format!("{}/metrics", deny.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("sluice_store_denied_total ") && !l.ends_with(" 0")),
-            "{metrics}"
-        );
+        let denied = metric(&http, &deny.url, "sluice_store_denied_total").await;
+        assert!(denied.is_some_and(|n| n > 0.0), "{denied:?}");
         // Back (empty: this Redis keeps nothing on disk): shared decisions
         // resume without a restart.
         let _redis = PrivateRedis::start(port);
@@ -707,4 +829,194 @@ fn redis_outage_follows_on_store_error() {
     let _ = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "shutdown", "nosave"])
         .output();
+}
+
+/// A TCP relay to a server that the test can cut and restore: while cut,
+/// open connections are dropped and new ones closed at once (what a replica
+/// sees when the database's host goes away).
+struct Relay {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Relay {
+    fn start(target: String) -> Relay {
+        let rt = rt();
+        let (up, rx) = tokio::sync::watch::channel(true);
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        rt.spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !*rx.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let (mut rx, target) = (rx.clone(), target.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Relay { port, up, _rt: rt }
+    }
+
+    fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+/// `postgres://USER@HOST:PORT/DB?...` -> (`HOST:PORT`, the URL through 127.0.0.1:`port`).
+fn through_relay(url: &str, port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (format!("{auth}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let target = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    (target, format!("{scheme}://{auth}127.0.0.1:{port}/{path}"))
+}
+
+/// PostgreSQL unreachable: decisions go on from Redis; ledger rows wait in
+/// memory and are all written, exactly once, when it is back; admin writes
+/// answer a JSON 5xx meanwhile; nothing panics.
+#[test]
+fn postgres_outage_queues_the_ledger() {
+    let Some(svc) = services("postgres_outage_queues_the_ledger") else {
+        return;
+    };
+    let db = Database::create(&svc.postgres, "pgdown");
+    let prefix = format!("sluice-test:{}:", unique("pgdown"));
+    let (target, _) = through_relay(&db.url, 0);
+    let relay = Relay::start(target);
+    let (_, relayed) = through_relay(&db.url, relay.port);
+    let (dir, config) = replica_dir(&svc.redis, &prefix, &relayed, "");
+    let replica = start(&dir.0, &config);
+    let url = replica.url.clone();
+    let rt = rt();
+    let http = reqwest::Client::new();
+    let check = |n: usize| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            for _ in 0..n {
+                let (status, body) = send(
+                    &http,
+                    reqwest::Method::POST,
+                    &format!("{url}/v1/check"),
+                    Some(json!({"subjects": ["key:pgdown"]})),
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+            }
+        }
+    };
+    let ledger_rows = || db.scalar("SELECT COUNT(*) FROM ledger");
+    let wait_rows = |n: i64| {
+        // Bounded: the writer retries at most 5 s apart.
+        for _ in 0..300 {
+            if ledger_rows() >= n {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ledger_rows()
+    };
+    rt.block_on(async {
+        let (status, body) = send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{url}/v1/policies/key:pgdown"),
+            Some(json!({"limits": [{"metric": "requests", "limit": 1000, "window": "1h"}]})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        check(10).await;
+    });
+    assert_eq!(wait_rows(10), 10);
+
+    relay.cut();
+    let pending = rt.block_on(async {
+        check(20).await;
+        for _ in 0..2 {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{url}/v1/reserve"),
+                Some(json!({"subjects": ["key:pgdown"], "amounts": {"requests": 3}})),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            let id = body["reservation_id"].as_str().unwrap().to_owned();
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{url}/v1/reservations/{id}/commit"),
+                Some(json!({"amounts": {"requests": 2}})),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        // A policy write needs the database: a clear JSON error, in bounded time.
+        let (status, body) = send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{url}/v1/policies/key:other"),
+            Some(json!({"limits": [{"metric": "requests", "limit": 5, "window": "1h"}]})),
+        )
+        .await;
+        assert!(status >= 500, "{status} {body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+        metric(&http, &url, "sluice_ledger_pending_rows")
+            .await
+            .unwrap()
+    });
+    assert!(
+        pending >= 24.0,
+        "the rows made while PostgreSQL was away wait in memory: {pending}"
+    );
+    assert_eq!(ledger_rows(), 10, "nothing reached PostgreSQL while cut");
+
+    relay.restore();
+    // 20 checks, 2 reserves, 2 commits: each written once.
+    assert_eq!(wait_rows(34), 34);
+    let used = rt.block_on(async {
+        let (_, usage) = send(
+            &http,
+            reqwest::Method::GET,
+            &format!("{url}/v1/usage/key:pgdown"),
+            None,
+        )
+        .await;
+        usage["limits"][0]["used"].as_u64().unwrap()
+    });
+    assert_eq!(used, 34, "10 + 20 checks and 2 commits of 2");
+    let (status, _) = replica.terminate();
+    assert!(status.success());
+    assert_eq!(ledger_rows(), 34);
+    assert_eq!(
+        db.scalar(
+            "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM ledger WHERE kind IN ('check', 'commit')"
+        ),
+        34
+    );
+    cleanup_redis(&svc.redis, &prefix);
 }
