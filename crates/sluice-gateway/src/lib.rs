@@ -6,6 +6,7 @@
 //! The binary (`crates/sluice`) only parses flags and calls [`Gateway`].
 
 pub mod alerts;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod config;

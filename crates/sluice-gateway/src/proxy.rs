@@ -513,6 +513,7 @@ async fn reserve_for(
         Some(lease),
         meta,
         "proxy",
+        Some(&model.name),
     )
     .await
     {
@@ -527,10 +528,10 @@ async fn reserve_for(
     let is_quota = |s: &Subject| model.quota_subject.as_ref() == Some(s);
     let (enforced, (reservation, public)) = match reserved {
         Ok((enforced, _forced, r)) => (enforced.unwrap_or_else(|| subjects.clone()), r),
-        Err((d, enforced)) => {
+        Err((d, enforced, approval)) => {
             let by_quota = enforced.get(d.subject).is_some_and(is_quota);
             return Err(Refused {
-                response: refusal(wire, &d, &enforced, by_quota),
+                response: refusal(wire, &d, &enforced, by_quota, approval.as_ref()),
                 by_quota,
             });
         }
@@ -563,13 +564,22 @@ async fn reserve_for(
 }
 
 /// The wire-shaped answer to a refusal.
-fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject], by_quota: bool) -> Response {
+fn refusal(
+    wire: Wire,
+    d: &sluice_core::Denial,
+    subjects: &[Subject],
+    by_quota: bool,
+    approval: Option<&crate::approvals::ApprovalRef>,
+) -> Response {
     let subject = subjects.get(d.subject).map_or("", Subject::as_str);
     let whose = if by_quota {
         format!("the provider quota {subject}")
     } else {
         subject.to_owned()
     };
+    let note = approval
+        .map(|a| format!("; {}", crate::routes::approval_note(a)))
+        .unwrap_or_default();
     let mut r = match d.reason {
         DenialReason::RetryAfter(wait) => {
             let mut r = wire_error(
@@ -578,7 +588,7 @@ fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject], by_quota: 
                 "rate_limit_exceeded",
                 "rate_limit_exceeded",
                 format!(
-                    "{whose} reached its {} limit per {}; retry in {}s",
+                    "{whose} reached its {} limit per {}; retry in {}s{note}",
                     d.metric.name(),
                     crate::wire::window_name(d.window),
                     ratelimit::ceil_secs(wait)
@@ -597,7 +607,7 @@ fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject], by_quota: 
                 "insufficient_quota",
                 "budget_exceeded",
                 format!(
-                    "this request's worst case exceeds {whose}'s {} limit itself; lower max_tokens",
+                    "this request's worst case exceeds {whose}'s {} limit itself; lower max_tokens{note}",
                     d.metric.name()
                 ),
             );
@@ -608,6 +618,9 @@ fn refusal(wire: Wire, d: &sluice_core::Denial, subjects: &[Subject], by_quota: 
     };
     r.headers_mut()
         .extend(ratelimit::typed(ratelimit::denied(d)));
+    if let Some(v) = approval.and_then(|a| HeaderValue::from_str(&a.id).ok()) {
+        r.headers_mut().insert("x-sluice-approval-id", v);
+    }
     r
 }
 

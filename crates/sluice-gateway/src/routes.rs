@@ -17,6 +17,7 @@ use sluice_core::{
     Window, micros_to_usd,
 };
 
+use crate::approvals::{ApprovalRef, Parked};
 use crate::auth::{AgentKey, Caller, generate_key, hash_key, hex, random_hex};
 use crate::db::{Audit, IdemRow, KeyRow, LedgerRow, RowKind};
 use crate::engine::{Settle, Unavailable};
@@ -59,6 +60,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/mesh/events", get(mesh_events))
         .route("/v1/audit", get(audit))
         .route("/v1/alerts", get(alerts))
+        .route("/v1/approvals", get(list_approvals))
+        .route("/v1/approvals/{id}", get(get_approval))
+        .route("/v1/approvals/{id}/approve", post(approve))
+        .route("/v1/approvals/{id}/deny", post(deny))
         .route("/v1/intents", post(intent))
         .route("/v1/chat/completions", post(crate::proxy::openai_chat))
         .route("/v1/completions", post(crate::proxy::openai_completions))
@@ -321,6 +326,7 @@ async fn set_policy(
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(subject.as_str().to_owned(), stored.clone());
+    crate::approvals::reapply_all(st);
     Ok((old.is_none(), stored))
 }
 
@@ -387,6 +393,7 @@ async fn delete_policy(State(st): St, headers: HeaderMap, uri: Uri) -> Response 
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(subject.as_str());
+            crate::approvals::reapply_all(&st);
             if existed {
                 Ok(StatusCode::NO_CONTENT.into_response())
             } else {
@@ -514,9 +521,26 @@ async fn spend_letting_alerts(
     who: &str,
     request: &Request,
 ) -> Result<(Option<Vec<Subject>>, Vec<Subject>, sluice_core::Statuses), ApiError> {
-    let d = match st.engine.check(request).await? {
-        Decision::Allowed(statuses) => return Ok((None, Vec::new(), statuses)),
-        Decision::Denied(d) => d,
+    let mut approved = false;
+    let d = loop {
+        let d = match st.engine.check(request).await? {
+            Decision::Allowed(statuses) => return Ok((None, Vec::new(), statuses)),
+            Decision::Denied(d) => d,
+        };
+        let asked = crate::approvals::Asked {
+            amounts,
+            model: None,
+            caller: who,
+        };
+        match approval_gate(st, subjects, &d, asked, endpoint).await {
+            None => break d,
+            // Approved: decided again, once, under the override.
+            Some(Parked::Approved) if !approved => approved = true,
+            Some(Parked::Approved) => return Err(denial_error(&d, subjects).0),
+            Some(Parked::Refused(r)) => {
+                return Err(approval_error(denial_error(&d, subjects).0, r.as_ref()));
+            }
+        }
     };
     if subjects
         .get(d.subject)
@@ -552,20 +576,72 @@ async fn spend_letting_alerts(
 
 /// What [`reserve_letting_alerts`] answers: (enforced subjects if not all,
 /// subjects let through, (reservation, public id)), or the refusal with the
-/// subjects its index refers to.
+/// subjects its index refers to and the approval it waited on, if any.
 pub(crate) type Reserved = Result<
     (
         Option<Vec<Subject>>,
         Vec<Subject>,
         (sluice_core::Reservation, String),
     ),
-    (Denial, Vec<Subject>),
+    (Denial, Vec<Subject>, Option<ApprovalRef>),
 >;
+
+/// When the refusing subject's policy says `require_approval`: record the
+/// breach and park the request (`None` for any other action).
+async fn approval_gate(
+    st: &AppState,
+    subjects: &[Subject],
+    d: &Denial,
+    asked: crate::approvals::Asked<'_>,
+    endpoint: &'static str,
+) -> Option<Parked> {
+    let s = subjects.get(d.subject)?;
+    if action_of(st, s) != crate::wire::Action::RequireApproval {
+        return None;
+    }
+    st.breaches.record(
+        d,
+        subjects,
+        endpoint,
+        "require_approval",
+        asked.caller,
+        st.now().as_nanos(),
+    );
+    Some(crate::approvals::park(st, s, d, asked).await)
+}
+
+/// A refusal naming the approval it waited on.
+pub(crate) fn approval_error(mut e: ApiError, r: Option<&ApprovalRef>) -> ApiError {
+    let Some(r) = r else { return e };
+    e.message = format!("{}; {}", e.message, approval_note(r));
+    if let Ok(v) = HeaderValue::from_str(&r.id) {
+        e.headers
+            .push((HeaderName::from_static("x-sluice-approval-id"), v));
+    }
+    e.with("approval_id", Value::from(r.id.clone()))
+        .with("approval_status", Value::from(r.phase.name()))
+}
+
+/// What a refused caller is told of the approval.
+pub(crate) fn approval_note(r: &ApprovalRef) -> String {
+    match r.phase {
+        crate::approvals::Phase::Denied => format!(
+            "approval {} was denied: the limit stands until it resets",
+            r.id
+        ),
+        crate::approvals::Phase::Pending => format!(
+            "approval {} is pending: an operator approves it with POST /v1/approvals/{}/approve",
+            r.id, r.id
+        ),
+        p => format!("approval {} is {}", r.id, p.name()),
+    }
+}
 
 /// Reserve `request` (on `subjects`) as one engine call; only when the
 /// refusing subject's policy says `alert` is the reservation made on the
 /// others, the alerting subjects recorded in its metadata to be charged by
 /// force when it settles. Breaches are recorded either way.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn reserve_letting_alerts(
     st: &AppState,
     subjects: &[Subject],
@@ -573,11 +649,26 @@ pub(crate) async fn reserve_letting_alerts(
     lease: Option<std::time::Duration>,
     meta: Meta,
     endpoint: &'static str,
+    model: Option<&str>,
 ) -> Result<Reserved, Unavailable> {
     let who = meta.caller.clone();
-    let d = match st.engine.reserve(request, lease, meta.clone()).await? {
-        Ok(r) => return Ok(Ok((None, Vec::new(), r))),
-        Err(d) => d,
+    let mut approved = false;
+    let d = loop {
+        let d = match st.engine.reserve(request, lease, meta.clone()).await? {
+            Ok(r) => return Ok(Ok((None, Vec::new(), r))),
+            Err(d) => d,
+        };
+        let asked = crate::approvals::Asked {
+            amounts: request.amounts,
+            model,
+            caller: &who,
+        };
+        match approval_gate(st, subjects, &d, asked, endpoint).await {
+            None => break d,
+            Some(Parked::Approved) if !approved => approved = true,
+            Some(Parked::Approved) => return Ok(Err((d, subjects.to_vec(), None))),
+            Some(Parked::Refused(r)) => return Ok(Err((d, subjects.to_vec(), r))),
+        }
     };
     if subjects
         .get(d.subject)
@@ -594,7 +685,7 @@ pub(crate) async fn reserve_letting_alerts(
         };
         st.breaches
             .record(&d, subjects, endpoint, action, &who, st.now().as_nanos());
-        return Ok(Err((d, subjects.to_vec())));
+        return Ok(Err((d, subjects.to_vec(), None)));
     }
     let amounts = request.amounts;
     let decided = decide_letting_alerts(st, subjects, endpoint, &who, move |enforced, forced| {
@@ -609,7 +700,9 @@ pub(crate) async fn reserve_letting_alerts(
         }
     })
     .await?;
-    Ok(decided.map(|(enforced, forced, r)| (Some(enforced), forced, r)))
+    Ok(decided
+        .map(|(enforced, forced, r)| (Some(enforced), forced, r))
+        .map_err(|(d, enforced)| (d, enforced, None)))
 }
 
 /// A refusal: 429 with the exact wait, or 422 when no wait can help.
@@ -891,7 +984,9 @@ async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
                 reserved_ns: now.as_nanos(),
                 forced: Vec::new(),
             };
-            match reserve_letting_alerts(&st2, &subjects, &request, lease, meta, "reserve").await? {
+            match reserve_letting_alerts(&st2, &subjects, &request, lease, meta, "reserve", None)
+                .await?
+            {
                 Ok((enforced, forced, (r, public))) => {
                     let enforced = enforced.as_deref().unwrap_or(&subjects);
                     st2.alerts
@@ -923,7 +1018,10 @@ async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
                         vec![row],
                     ))
                 }
-                Err((d, enforced)) => Err(denial_error(&d, &enforced).0),
+                Err((d, enforced, approval)) => Err(approval_error(
+                    denial_error(&d, &enforced).0,
+                    approval.as_ref(),
+                )),
             }
         })
         .await
@@ -1428,6 +1526,7 @@ async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Re
                     .as_ref()
                     .and_then(|b| b.fallback_action.clone())
                     .filter(|_| req.action_on_breach.as_deref() == Some("degrade")),
+                approval_wait: existing.as_ref().and_then(|b| b.approval_wait.clone()),
                 action_on_breach: Some(req.action_on_breach.unwrap_or_else(|| "block".into())),
             };
             // Name AXME fields in errors rather than the native ones.
@@ -1486,20 +1585,12 @@ async fn agent_detail(st: &AppState, subject: &Subject) -> Result<Value, ApiErro
 async fn mesh_post(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Response {
     result(
         async {
-            // Read the body first: the connection stays reusable whatever the answer.
-            let bytes = json::read_body(&headers, body).await?;
-            let caller = st.keys.authenticate(&headers)?;
-            caller.require_admin()?;
+            let (caller, req) = admin_with_optional_body::<KillBody>(&st, &headers, body).await?;
             let (subject, rest) = mesh_address(&uri)?;
             let kill = match rest.as_str() {
                 "/kill" => true,
                 "/resume" => false,
                 _ => return Err(ApiError::not_found(format!("no route for {}", uri.path()))),
-            };
-            let req = if bytes.iter().all(u8::is_ascii_whitespace) {
-                KillBody::default()
-            } else {
-                json::parse::<KillBody>(&bytes)?
             };
             if req.reason.as_ref().is_some_and(|r| r.len() > 1_000) {
                 return Err(ApiError::invalid("reason", "at most 1000 bytes"));
@@ -1862,6 +1953,10 @@ async fn audit(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
                             "alert",
                             "alert.sent",
                             "alert.failed",
+                            "approval",
+                            "approval.requested",
+                            "approval.approved",
+                            "approval.denied",
                         ];
                         if !KINDS.contains(&v.as_str()) {
                             return Err(ApiError::invalid(
@@ -1971,4 +2066,265 @@ async fn alerts(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
         }
         .await,
     )
+}
+
+/// An admin's request with an optional JSON body (empty: `T::default()`);
+/// the body is read first, so the connection stays reusable whatever the answer.
+async fn admin_with_optional_body<T: Default + serde::de::DeserializeOwned>(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Caller, T), ApiError> {
+    let bytes = json::read_body(headers, body).await?;
+    let caller = st.keys.authenticate(headers)?;
+    caller.require_admin()?;
+    let req = if bytes.iter().all(u8::is_ascii_whitespace) {
+        T::default()
+    } else {
+        json::parse::<T>(&bytes)?
+    };
+    Ok((caller, req))
+}
+
+/// An approval as answered.
+fn approval_json(a: &crate::db::ApprovalRow) -> Value {
+    let metric: sluice_core::Metric = a.metric.parse().unwrap_or(sluice_core::Metric::Requests);
+    json!({
+        "id": a.id,
+        "status": a.status,
+        "subject": a.subject,
+        "limit": {
+            "metric": a.metric,
+            "window": a.window,
+            "limit": metric_value(metric, a.limit),
+            "used": metric_value(metric, a.used),
+        },
+        "requested": wire::amounts_json(&a.requested),
+        "model": a.model,
+        "estimated_cost_usd": metric_value(sluice_core::Metric::CostUsd, a.requested.get(sluice_core::Metric::CostUsd)),
+        "caller": a.caller,
+        "created_at": rfc3339(a.created_ns),
+        "resets_at": rfc3339(a.resets_ns),
+        "decided_at": a.decided_ns.map(rfc3339),
+        "decided_by": a.decided_by,
+        "reason": a.reason,
+        "extra": a.extra.as_ref().map(wire::amounts_json),
+        "until": a.until_ns.map(rfc3339),
+    })
+}
+
+/// `GET /v1/approvals?status=pending&subject=&limit=`: newest first.
+async fn list_approvals(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let pairs = query_pairs(&uri)?;
+            let limit = query_limit(&pairs, 100, 1_000)?;
+            let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+            let status = get("status");
+            if let Some(s) = status {
+                if !["pending", "approved", "denied", "expired"].contains(&s) {
+                    return Err(ApiError::invalid(
+                        "status",
+                        format!("expected pending, approved, denied or expired, got {s:?}"),
+                    ));
+                }
+            }
+            let subject = get("subject")
+                .map(|s| {
+                    Subject::parse(s)
+                        .map(|s| s.as_str().to_owned())
+                        .map_err(|e| ApiError::invalid("subject", e.to_string()))
+                })
+                .transpose()?;
+            let rows = st
+                .db
+                .approvals(status, subject.as_deref(), limit)
+                .await
+                .map_err(|e| ApiError::internal("reading approvals", e))?;
+            let out: Vec<Value> = rows.iter().map(approval_json).collect();
+            Ok(json::reply(StatusCode::OK, &json!({ "approvals": out })))
+        }
+        .await,
+    )
+}
+
+/// The approval a path names, or 404.
+async fn path_approval(st: &AppState, id: &str) -> Result<crate::db::ApprovalRow, ApiError> {
+    st.db
+        .approval(id)
+        .await
+        .map_err(|e| ApiError::internal("reading an approval", e))?
+        .ok_or_else(|| ApiError::not_found(format!("no approval {id}")).field("id"))
+}
+
+/// `GET /v1/approvals/{id}`.
+async fn get_approval(State(st): St, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    result(
+        async {
+            st.keys.authenticate(&headers)?.require_admin()?;
+            let a = path_approval(&st, &id).await?;
+            Ok(json::reply(StatusCode::OK, &approval_json(&a)))
+        }
+        .await,
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    #[serde(default)]
+    extra: Option<wire::AmountsBody>,
+    #[serde(default)]
+    until: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenyBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The longest override an approval grants.
+const MAX_OVERRIDE_NS: u64 = 31 * 86_400 * 1_000_000_000;
+
+/// `POST /v1/approvals/{id}/approve {"extra": {...}, "until": "..."}`: the
+/// override (extra amounts on the subject's limits of those metrics; by
+/// default what the parked request asked for on the refusing limit's
+/// metric) stands until `until` (default: when the refusing limit resets);
+/// the parked requests proceed.
+async fn approve(
+    State(st): St,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    result(
+        async {
+            let (caller, req) =
+                admin_with_optional_body::<ApproveBody>(&st, &headers, body).await?;
+            let a = path_approval(&st, &id).await?;
+            let now = st.now().as_nanos();
+            let extra = match &req.extra {
+                Some(e) => e.to_amounts("extra")?,
+                None => {
+                    let metric: sluice_core::Metric =
+                        a.metric.parse().unwrap_or(sluice_core::Metric::Requests);
+                    let mut x = Amounts::ZERO;
+                    x.set(metric, a.requested.get(metric).max(1));
+                    x
+                }
+            };
+            if extra == Amounts::ZERO {
+                return Err(ApiError::invalid(
+                    "extra",
+                    "grant at least one amount, e.g. {\"requests\": 50} or {\"cost_usd\": 5}",
+                ));
+            }
+            let until = match &req.until {
+                None => a.resets_ns.max(now.saturating_add(1_000_000_000)),
+                Some(Value::String(t)) => query_time("until", t)?,
+                Some(Value::Number(n)) => query_time("until", &n.to_string())?,
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "until",
+                        "expected RFC 3339 (2026-11-22T10:00:00Z) or seconds since the epoch",
+                    ));
+                }
+            };
+            if until <= now || until - now > MAX_OVERRIDE_NS {
+                return Err(ApiError::invalid(
+                    "until",
+                    format!(
+                        "must be after now ({}) and at most 31 days ahead",
+                        rfc3339(now)
+                    ),
+                ));
+            }
+            decide(&st, &caller, a, "approved", None, Some(extra), Some(until)).await
+        }
+        .await,
+    )
+}
+
+/// `POST /v1/approvals/{id}/deny {"reason": "..."}`: the parked requests
+/// are refused; the limit stands until it resets.
+async fn deny(State(st): St, headers: HeaderMap, Path(id): Path<String>, body: Body) -> Response {
+    result(
+        async {
+            let (caller, req) = admin_with_optional_body::<DenyBody>(&st, &headers, body).await?;
+            if req.reason.as_ref().is_some_and(|r| r.len() > 1_000) {
+                return Err(ApiError::invalid("reason", "at most 1000 bytes"));
+            }
+            let a = path_approval(&st, &id).await?;
+            decide(&st, &caller, a, "denied", req.reason.as_deref(), None, None).await
+        }
+        .await,
+    )
+}
+
+/// Record a decision (409 unless pending), wake the parked requests,
+/// install the override.
+async fn decide(
+    st: &AppState,
+    caller: &Caller,
+    a: crate::db::ApprovalRow,
+    status: &'static str,
+    reason: Option<&str>,
+    extra: Option<Amounts>,
+    until: Option<u64>,
+) -> Result<Response, ApiError> {
+    let now = st.now().as_nanos();
+    let audit = Audit {
+        kind: if status == "approved" {
+            "approval.approved"
+        } else {
+            "approval.denied"
+        },
+        subject: a.subject.clone(),
+        actor: caller.id().to_owned(),
+        detail: Some(
+            json!({
+                "approval_id": a.id,
+                "metric": a.metric,
+                "window": a.window,
+                "extra": extra.as_ref().map(wire::amounts_json),
+                "until": until.map(rfc3339),
+                "reason": reason,
+            })
+            .to_string(),
+        ),
+    };
+    let decided = st
+        .db
+        .decide_approval(
+            &a.id,
+            status,
+            now,
+            caller.id(),
+            reason,
+            extra.as_ref(),
+            until,
+            &audit,
+        )
+        .await
+        .map_err(|e| ApiError::internal("recording an approval", e))?;
+    let Some(row) = decided else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "approval_decided",
+            format!("approval {} is already {}", a.id, a.status),
+        )
+        .field("id"));
+    };
+    crate::approvals::decided_here(st, &row).await;
+    tracing::warn!(
+        "approval {} for {} {} by {}",
+        row.id,
+        row.subject,
+        row.status,
+        caller.id()
+    );
+    Ok(json::reply(StatusCode::OK, &approval_json(&row)))
 }

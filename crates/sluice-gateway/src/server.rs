@@ -80,6 +80,8 @@ pub struct AppState {
     pub config: Config,
     /// Agents an operator stopped.
     pub kill: crate::killswitch::KillSwitch,
+    /// Pending approvals, parked requests, overrides in force.
+    pub approvals: crate::approvals::Approvals,
     /// Refusals waiting for the audit trail.
     pub breaches: crate::audit::Breaches,
     /// Early warnings.
@@ -295,6 +297,7 @@ impl Gateway {
             idempotency,
             metrics: Metrics::default(),
             kill,
+            approvals: crate::approvals::Approvals::default(),
             breaches: crate::audit::Breaches::default(),
             alerts,
             intents: AtomicU64::new(1),
@@ -312,9 +315,11 @@ impl Gateway {
             policies: RwLock::new(policies),
         });
         crate::proxy::warm_tokenizers(&state.config.proxy.models);
+        crate::approvals::reload(&state).await?;
         let recovery = replay(&state).await?;
         let mut tasks = vec![
             tokio::spawn(expire_leases(Arc::clone(&state))),
+            tokio::spawn(approvals_tick(Arc::clone(&state))),
             tokio::spawn(prune(Arc::clone(&state))),
             tokio::spawn(write_breaches(Arc::clone(&state))),
             tokio::spawn(crate::alerts::run(Arc::clone(&state), alert_rx)),
@@ -486,7 +491,7 @@ pub async fn reload(state: &AppState) -> Result<(), DbError> {
                 .insert(subject.clone(), stored);
         }
     }
-    Ok(())
+    crate::approvals::reload(state).await
 }
 
 /// Follow other replicas' policy and key changes (PostgreSQL `LISTEN`):
@@ -674,6 +679,17 @@ async fn expire_leases(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         settle_expired(&state).await;
+    }
+}
+
+/// Approvals' clock work (overrides ending, pending ones expiring), at the
+/// lease-check interval.
+async fn approvals_tick(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(state.config.lease_check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        crate::approvals::tick(&state).await;
     }
 }
 

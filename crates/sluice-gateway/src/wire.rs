@@ -229,6 +229,25 @@ pub struct PolicyBody {
     /// reached (`block` unless set; `alert` or `require_approval`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_action: Option<String>,
+    /// With `require_approval`: how long a refused request is held open for
+    /// a human (`"30s"` unless set; `"0s"` to answer at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_wait: Option<String>,
+}
+
+/// The longest `approval_wait`.
+pub const MAX_APPROVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// `"30s"`, `"2m"`, `"0s"`.
+fn parse_wait(s: &str) -> Option<std::time::Duration> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
 }
 
 /// Once usage of any of the policy's limits reaches `at` (a fraction),
@@ -272,8 +291,23 @@ fn amount_of(metric: Option<Metric>, n: &Number, field: &str) -> Result<u64, Api
 }
 
 impl PolicyBody {
+    /// The `approval_wait` set (checked by [`PolicyBody::to_policy`]).
+    pub fn approval_wait(&self) -> Option<std::time::Duration> {
+        self.approval_wait.as_deref().and_then(parse_wait)
+    }
+
     /// Check and convert to the engine's policy and the action.
     pub fn to_policy(&self) -> Result<(Policy, Action), ApiError> {
+        self.build(&Amounts::ZERO)
+    }
+
+    /// The engine's policy with every limit of a metric raised by `extra`'s
+    /// amount of it (an approval's override); a GCRA burst too.
+    pub fn to_policy_with_extra(&self, extra: &Amounts) -> Result<Policy, ApiError> {
+        self.build(extra).map(|(p, _)| p)
+    }
+
+    fn build(&self, extra: &Amounts) -> Result<(Policy, Action), ApiError> {
         let mut limits = Vec::with_capacity(self.limits.len());
         for (i, l) in self.limits.iter().enumerate() {
             let metric: Option<Metric> = l.metric.parse().ok();
@@ -292,12 +326,13 @@ impl PolicyBody {
                 .as_ref()
                 .map(|b| amount_of(metric, b, &format!("limits[{i}].burst")))
                 .transpose()?;
+            let more = metric.map_or(0, |m| extra.get(m));
             limits.push(LimitDef {
                 metric: l.metric.clone(),
-                limit,
+                limit: limit.saturating_add(more).min(MAX_LIMIT),
                 window: l.window.clone(),
                 algorithm: l.algorithm.clone(),
-                burst,
+                burst: burst.map(|b| b.saturating_add(more).min(MAX_LIMIT)),
                 buckets: l.buckets,
             });
         }
@@ -333,6 +368,17 @@ impl PolicyBody {
                 "degrade",
                 "action_on_breach \"degrade\" needs degrade rules, e.g. [{\"at\": 0.8, \"model\": \"a-cheaper-model\"}]",
             ));
+        }
+        if let Some(w) = &self.approval_wait {
+            match parse_wait(w) {
+                Some(d) if d <= MAX_APPROVAL_WAIT => {}
+                _ => {
+                    return Err(ApiError::invalid(
+                        "approval_wait",
+                        format!("expected seconds or minutes from \"0s\" to \"5m\", got {w:?}"),
+                    ));
+                }
+            }
         }
         // Degrade rules act before the limit; at the limit the fallback decides.
         let action = if action == Action::Degrade {
@@ -435,6 +481,11 @@ pub fn policy_json(subject: &str, body: &PolicyBody, policy: &Policy, updated_ns
     });
     if body.action_on_breach.as_deref() == Some("degrade") {
         v["fallback_action"] = Value::from(body.fallback_action.as_deref().unwrap_or("block"));
+    }
+    if body.action_on_breach.as_deref() == Some("require_approval")
+        || body.fallback_action.as_deref() == Some("require_approval")
+    {
+        v["approval_wait"] = Value::from(body.approval_wait.as_deref().unwrap_or("30s"));
     }
     v
 }

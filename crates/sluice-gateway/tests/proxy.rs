@@ -1183,3 +1183,104 @@ async fn degrade_rules_swap_the_model_and_cap_max_tokens_as_the_budget_fills() {
     assert_eq!(r.body["error"]["field"], "fallback_action", "{:?}", r.body);
     s.stop().await;
 }
+
+/// `require_approval` through the proxy: a call past the budget is held
+/// (the upstream not called) until an admin approves from another client,
+/// then forwarded and charged; a timeout is a 429 naming the approval
+/// (header and message); after a denial calls are refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_approval_holds_a_proxied_call_until_approved() {
+    let (s, up, key, _dir) = setup(0.01).await;
+    let policy = |wait: &str| {
+        json!({
+            "limits": [{"metric": "cost_usd", "limit": 0.01, "window": "day"}],
+            "action_on_breach": "require_approval",
+            "approval_wait": wait,
+        })
+    };
+    let path = format!("/v1/policies/{AGENT}");
+    let put = |wait: &'static str| s.admin(Method::PUT, &path, Some(policy(wait)));
+    assert!(put("20s").await.status.is_success());
+    up.set_usage(Usage {
+        input: 1_000,
+        cached: 0,
+        output: 1_000,
+    }); // $0.01 a call: the whole budget
+    let first = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+
+    let held = {
+        let s2 = s.handle();
+        let key = key.clone();
+        tokio::spawn(async move {
+            s2.call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+                .await
+        })
+    };
+    let mut approval = Value::Null;
+    for _ in 0..500 {
+        let r = s
+            .admin(Method::GET, "/v1/approvals?status=pending", None)
+            .await;
+        if let Some(a) = r.body["approvals"].get(0) {
+            approval = a.clone();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(approval["model"], "gpt-test", "{approval}");
+    assert_eq!(approval["limit"]["metric"], "cost_usd");
+    assert!(approval["estimated_cost_usd"].as_f64().unwrap() > 0.008);
+    assert_eq!(up.requests(), 1, "nothing forwarded while held");
+    let id = approval["id"].as_str().unwrap().to_owned();
+    let until = T0 / 1_000_000_000 + 3_600;
+    let ok = s
+        .admin(
+            Method::POST,
+            &format!("/v1/approvals/{id}/approve"),
+            Some(json!({"extra": {"cost_usd": 0.01}, "until": until})),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
+    let r = held.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(up.requests(), 2);
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.02);
+
+    // Not approved in time: a 429 naming the approval; nothing forwarded.
+    assert!(put("1s").await.status.is_success());
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    let second = r.header("x-sluice-approval-id").unwrap().to_owned();
+    assert_ne!(second, id);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&second), "{message}");
+    assert_eq!(r.body["error"]["code"], "rate_limit_exceeded");
+    let denied = s
+        .admin(
+            Method::POST,
+            &format!("/v1/approvals/{second}/deny"),
+            Some(json!({"reason": "enough for today"})),
+        )
+        .await;
+    assert_eq!(denied.status, StatusCode::OK, "{:?}", denied.body);
+    // Denied: refused at once, naming the denial.
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("x-sluice-approval-id"), Some(second.as_str()));
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("denied")
+    );
+    assert_eq!(up.requests(), 2);
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}

@@ -81,6 +81,52 @@ pub enum AgentsCommand {
     List,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// List approvals (pending ones unless --status says otherwise).
+    List {
+        /// pending, approved, denied, expired, or all.
+        #[arg(long, default_value = "pending")]
+        status: String,
+        /// Only this subject.
+        #[arg(long)]
+        subject: Option<String>,
+    },
+    /// Approve: the held requests proceed, and the subject's limits get the
+    /// extra amounts until --until (default: what the request asked for,
+    /// until the limit resets).
+    Approve {
+        /// The approval's id (apr_...).
+        id: String,
+        /// Extra requests.
+        #[arg(long)]
+        requests: Option<u64>,
+        /// Extra tokens.
+        #[arg(long)]
+        tokens: Option<u64>,
+        /// Extra input tokens.
+        #[arg(long)]
+        input_tokens: Option<u64>,
+        /// Extra output tokens.
+        #[arg(long)]
+        output_tokens: Option<u64>,
+        /// Extra US dollars.
+        #[arg(long)]
+        cost_usd: Option<f64>,
+        /// Until when (RFC 3339 or seconds since the epoch).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Deny: the held requests get 429; the limit stands until it resets.
+    Deny {
+        /// The approval's id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
 /// `sluice audit`'s filters.
 #[derive(Debug, clap::Args)]
 pub struct AuditArgs {
@@ -109,7 +155,27 @@ pub enum Op {
     Usage(String),
     Keys(KeysCommand),
     Agents(AgentsCommand),
+    Approvals(ApprovalsCommand),
     Audit(AuditArgs),
+}
+
+/// One approval as a line.
+fn approval_line(a: &Value) -> String {
+    format!(
+        "{} {}: {} {} limit {} per {} (used {}){}",
+        s(&a["id"]),
+        s(&a["status"]),
+        s(&a["subject"]),
+        s(&a["limit"]["metric"]),
+        s(&a["limit"]["limit"]),
+        s(&a["limit"]["window"]),
+        s(&a["limit"]["used"]),
+        if a["until"].is_null() {
+            String::new()
+        } else {
+            format!(", override until {}", s(&a["until"]))
+        }
+    )
 }
 
 /// Percent-encode a subject for a path.
@@ -525,6 +591,104 @@ async fn execute(client: &Client, op: Op, as_json: bool) -> Result<String, Strin
                     table(&["ADDRESS", "STATUS", "SINCE", "REASON"], rows)
                 }),
             )
+        }
+        Op::Approvals(ApprovalsCommand::List { status, subject }) => {
+            let mut query = vec!["limit=1000".to_owned()];
+            if status != "all" {
+                query.push(format!("status={}", encode(&status)));
+            }
+            if let Some(sub) = subject {
+                query.push(format!("subject={}", encode(&sub)));
+            }
+            let v = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/approvals?{}", query.join("&")),
+                    None,
+                )
+                .await?;
+            (
+                v,
+                Box::new(|v| {
+                    let rows = v["approvals"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            vec![
+                                s(&a["id"]),
+                                s(&a["status"]),
+                                s(&a["subject"]),
+                                format!(
+                                    "{} {}/{}",
+                                    s(&a["limit"]["metric"]),
+                                    s(&a["limit"]["limit"]),
+                                    s(&a["limit"]["window"])
+                                ),
+                                s(&a["limit"]["used"]),
+                                s(&a["model"]),
+                                s(&a["estimated_cost_usd"]),
+                                s(&a["created_at"]),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &[
+                            "ID", "STATUS", "SUBJECT", "LIMIT", "USED", "MODEL", "EST_USD",
+                            "ASKED_AT",
+                        ],
+                        rows,
+                    )
+                }),
+            )
+        }
+        Op::Approvals(ApprovalsCommand::Approve {
+            id,
+            requests,
+            tokens,
+            input_tokens,
+            output_tokens,
+            cost_usd,
+            until,
+        }) => {
+            let mut extra = serde_json::Map::new();
+            for (k, v) in [
+                ("requests", requests.map(Value::from)),
+                ("tokens", tokens.map(Value::from)),
+                ("input_tokens", input_tokens.map(Value::from)),
+                ("output_tokens", output_tokens.map(Value::from)),
+                ("cost_usd", cost_usd.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    extra.insert(k.to_owned(), v);
+                }
+            }
+            let mut body = serde_json::Map::new();
+            if !extra.is_empty() {
+                body.insert("extra".into(), Value::Object(extra));
+            }
+            if let Some(u) = until {
+                body.insert("until".into(), Value::from(u));
+            }
+            let v = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/approvals/{}/approve", encode(&id)),
+                    Some(&Value::Object(body)),
+                )
+                .await?;
+            (v, Box::new(approval_line))
+        }
+        Op::Approvals(ApprovalsCommand::Deny { id, reason }) => {
+            let body = json!({ "reason": reason });
+            let v = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/approvals/{}/deny", encode(&id)),
+                    Some(&body),
+                )
+                .await?;
+            (v, Box::new(approval_line))
         }
         Op::Audit(a) => {
             let mut query = vec![format!("limit={}", a.limit)];

@@ -93,6 +93,13 @@ enum Command {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Human approval: list, approve and deny held requests.
+    Approvals {
+        #[command(subcommand)]
+        command: cli::ApprovalsCommand,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
 }
 
 /// `SLUICE_*` settings and the whole environment (for providers' `api_key_env`).
@@ -246,6 +253,9 @@ fn main() -> ExitCode {
             Command::Usage { subject, opts } => cli::run(&opts, cli::Op::Usage(subject)).await,
             Command::Keys { command, opts } => cli::run(&opts, cli::Op::Keys(command)).await,
             Command::Agents { command, opts } => cli::run(&opts, cli::Op::Agents(command)).await,
+            Command::Approvals { command, opts } => {
+                cli::run(&opts, cli::Op::Approvals(command)).await
+            }
             Command::Audit { args, opts } => cli::run(&opts, cli::Op::Audit(args)).await,
         }
     })

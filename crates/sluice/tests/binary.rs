@@ -123,6 +123,48 @@ fn serve_with_defaults_then_the_cli_manages_it() {
     let trail: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(trail["records"][0]["kind"], "policy.created", "{trail}");
 
+    // Human approval from the CLI: the policy asks for approval (answering at
+    // once: approval_wait 0s), the operator lists, approves and denies.
+    let file = dir.0.join("approval-policy.json");
+    std::fs::write(
+        &file,
+        json!({"limits": [{"metric": "requests", "limit": 2, "window": "1h"}],
+               "action_on_breach": "require_approval", "approval_wait": "0s"})
+        .to_string(),
+    )
+    .unwrap();
+    let (ok, out, err) = cli(&[
+        "policy",
+        "set",
+        "agent://acme/prod/bot",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(post_status(&url, "/v1/check", &key, &check), 429);
+    let (ok, out, err) = cli(&["approvals", "list", "--json"]);
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let first = listed["approvals"][0]["id"].as_str().unwrap().to_owned();
+    let (ok, out, _) = cli(&["approvals", "list"]);
+    assert!(
+        ok && out.contains(&first) && out.contains("pending"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&["approvals", "approve", &first, "--requests", "1"]);
+    assert!(ok && out.contains("approved"), "{out}{err}");
+    assert_eq!(post_status(&url, "/v1/check", &key, &check), 200);
+    assert_eq!(post_status(&url, "/v1/check", &key, &check), 429);
+    let (ok, out, _) = cli(&["approvals", "list", "--json"]);
+    assert!(ok);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let second = listed["approvals"][0]["id"].as_str().unwrap().to_owned();
+    assert_ne!(second, first);
+    let (ok, out, err) = cli(&["approvals", "deny", &second, "--reason", "no"]);
+    assert!(ok && out.contains("denied"), "{out}{err}");
+    let (ok, _, err) = cli(&["approvals", "deny", &second]);
+    assert!(!ok && err.contains("already"), "{err}");
+
     let (ok, _, _) = cli(&["keys", "revoke", &id]);
     assert!(ok);
     let http = post_status(

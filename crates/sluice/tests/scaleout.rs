@@ -582,6 +582,85 @@ fn policy_change_reaches_other_replicas() {
         )
         .await;
         assert_eq!(usage["limits"][0]["used"], 5, "3 checks and the actual 2: {usage}");
+
+        // require_approval across replicas: a request held on B is released
+        // by an approval given through A, and B enforces A's override.
+        let (status, _) = send(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{}/v1/policies/user:careful", a.url),
+            Some(json!({"limits": [{"metric": "requests", "limit": 1, "window": "1h"}],
+                        "action_on_breach": "require_approval", "approval_wait": "30s"})),
+        )
+        .await;
+        assert_eq!(status, 201);
+        let careful = |url: String| {
+            let http = http.clone();
+            async move {
+                send(
+                    &http,
+                    reqwest::Method::POST,
+                    &format!("{url}/v1/check"),
+                    Some(json!({"subjects": ["user:careful"]})),
+                )
+                .await
+            }
+        };
+        // B knows the policy once it refuses (or holds) a second request.
+        let mut first_ok = false;
+        for _ in 0..200 {
+            let (status, _) = send(
+                &http,
+                reqwest::Method::GET,
+                &format!("{}/v1/policies/user:careful", b.url),
+                None,
+            )
+            .await;
+            if status == 200 {
+                first_ok = careful(b.url.clone()).await.0 == 200;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(first_ok, "B never took the first request under its policy");
+        let held = tokio::spawn(careful(b.url.clone()));
+        let mut id = String::new();
+        for _ in 0..400 {
+            let (_, list) = send(
+                &http,
+                reqwest::Method::GET,
+                &format!("{}/v1/approvals?status=pending&subject=user:careful", a.url),
+                None,
+            )
+            .await;
+            if let Some(found) = list["approvals"][0]["id"].as_str() {
+                id = found.to_owned();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(!id.is_empty(), "A never saw the approval opened on B");
+        let (status, body) = send(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/v1/approvals/{id}/approve", a.url),
+            Some(json!({"extra": {"requests": 2}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = held.await.unwrap();
+        assert_eq!(status, 200, "the request held on B: {body}");
+        // 1 + 2 extra: one more passes on B, then B holds again.
+        assert_eq!(careful(b.url.clone()).await.0, 200);
+        let (_, usage) = send(
+            &http,
+            reqwest::Method::GET,
+            &format!("{}/v1/usage/user:careful", b.url),
+            None,
+        )
+        .await;
+        assert_eq!(usage["limits"][0]["limit"], 3, "{usage}");
+        assert_eq!(usage["limits"][0]["used"], 3, "{usage}");
     });
     drop((a, b));
     cleanup_redis(&svc.redis, &prefix);

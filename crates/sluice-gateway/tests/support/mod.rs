@@ -96,6 +96,18 @@ impl Server {
         self.clock.clone()
     }
 
+    /// Another client of the same server (for requests from spawned tasks);
+    /// stopping or dropping it leaves the server running.
+    pub fn handle(&self) -> Server {
+        Server {
+            url: self.url.clone(),
+            clock: self.clock.clone(),
+            http: self.http.clone(),
+            stop: None,
+            task: None,
+        }
+    }
+
     pub fn advance(&self, d: Duration) {
         self.clock.advance(d);
     }

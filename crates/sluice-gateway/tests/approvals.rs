@@ -1,0 +1,378 @@
+//! `require_approval` through the decision API and the AXME endpoints: a
+//! refused request is held until a human decides; an approval from another
+//! client releases it and grants an override; a timeout answers 429 naming
+//! the approval; a denial leaves the agent blocked without asking again.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sluice_core::{ManualClock, Timestamp};
+use support::*;
+
+const AGENT: &str = "agent://acme/prod/careful";
+
+async fn start(dir: &TempDir) -> Server {
+    Server::start_with(
+        dir,
+        "lease_check_ms = 20\n",
+        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
+    )
+    .await
+}
+
+fn policy(limit: u64, wait: &str) -> Value {
+    json!({
+        "limits": [{"metric": "requests", "limit": limit, "window": "24h"}],
+        "action_on_breach": "require_approval",
+        "approval_wait": wait,
+    })
+}
+
+/// Wait (bounded) until `n` approvals are pending; them.
+async fn pending(s: &Server, n: usize) -> Vec<Value> {
+    for _ in 0..500 {
+        let r = s
+            .admin(Method::GET, "/v1/approvals?status=pending", None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let list = r.body["approvals"].as_array().unwrap().clone();
+        if list.len() == n {
+            return list;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never {n} pending approvals");
+}
+
+async fn limit_now(s: &Server) -> Value {
+    let u = s
+        .admin(Method::GET, &format!("/v1/usage/{AGENT}"), None)
+        .await;
+    u.body["limits"][0]["limit"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_approval_holds_requests_until_a_human_decides() {
+    let dir = TempDir::new("approvals");
+    let s = start(&dir).await;
+    let r = s
+        .admin(
+            Method::PUT,
+            &format!("/v1/policies/{AGENT}"),
+            Some(policy(2, "20s")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["approval_wait"], "20s");
+    let k = s
+        .admin(Method::POST, "/v1/keys", Some(json!({"subject": AGENT})))
+        .await;
+    let key = k.body["key"].as_str().unwrap().to_owned();
+    let check = |s: &Server| {
+        let s = s.handle();
+        let key = key.clone();
+        async move {
+            s.call(
+                Method::POST,
+                "/v1/check",
+                &key,
+                Some(json!({"subjects": [AGENT]})),
+            )
+            .await
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(check(&s).await.status, StatusCode::OK);
+    }
+
+    // Two requests past the limit are held on one approval.
+    let held_a = tokio::spawn(check(&s));
+    let held_b = tokio::spawn(check(&s));
+    let list = pending(&s, 1).await;
+    let a = &list[0];
+    let id = a["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("apr_"), "{a}");
+    assert_eq!(a["subject"], AGENT);
+    assert_eq!(a["limit"]["metric"], "requests");
+    assert_eq!(a["limit"]["window"], "1d");
+    assert_eq!(a["limit"]["limit"], 2);
+    assert_eq!(a["limit"]["used"], 2);
+    assert_eq!(a["requested"]["requests"], 1);
+    assert!(!held_a.is_finished() && !held_b.is_finished());
+    // Only the admin decides.
+    let by_agent = s
+        .call(
+            Method::POST,
+            &format!("/v1/approvals/{id}/approve"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(by_agent.status, StatusCode::FORBIDDEN);
+
+    // Approved from another client: both proceed; the override stands.
+    let until = T0 / 1_000_000_000 + 3_600;
+    let ok = s
+        .admin(
+            Method::POST,
+            &format!("/v1/approvals/{id}/approve"),
+            Some(json!({"extra": {"requests": 3}, "until": until})),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
+    assert_eq!(ok.body["status"], "approved");
+    assert_eq!(ok.body["extra"]["requests"], 3);
+    assert_eq!(ok.body["decided_by"], "admin");
+    for h in [held_a, held_b] {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    assert_eq!(limit_now(&s).await, 5);
+    // 2 + 3 allowed: one more passes at once, the next is held again.
+    assert_eq!(check(&s).await.status, StatusCode::OK);
+    let again = s
+        .admin(
+            Method::POST,
+            &format!("/v1/approvals/{id}/approve"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{:?}", again.body);
+
+    // Not decided in time: 429 naming the (still pending) approval.
+    let r = s
+        .admin(
+            Method::PUT,
+            &format!("/v1/policies/{AGENT}"),
+            Some(policy(2, "1s")),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        limit_now(&s).await,
+        5,
+        "the override survives a policy change"
+    );
+    let timed_out = check(&s).await;
+    assert_eq!(timed_out.status, StatusCode::TOO_MANY_REQUESTS);
+    let second = timed_out.body["error"]["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(second, id);
+    assert_eq!(
+        timed_out.header("x-sluice-approval-id"),
+        Some(second.as_str())
+    );
+    assert_eq!(timed_out.body["error"]["approval_status"], "pending");
+    assert!(timed_out.header("retry-after").is_some());
+    assert_eq!(pending(&s, 1).await[0]["id"], second.as_str());
+
+    // Denied: the agent stays blocked, answered at once, and nobody is asked again.
+    let denied = s
+        .admin(
+            Method::POST,
+            &format!("/v1/approvals/{second}/deny"),
+            Some(json!({"reason": "runaway loop"})),
+        )
+        .await;
+    assert_eq!(denied.status, StatusCode::OK, "{:?}", denied.body);
+    assert_eq!(denied.body["status"], "denied");
+    for _ in 0..3 {
+        let r = check(&s).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.body["error"]["approval_id"], second.as_str());
+        assert_eq!(r.body["error"]["approval_status"], "denied");
+    }
+    pending(&s, 0).await;
+    let one = s
+        .admin(Method::GET, &format!("/v1/approvals/{second}"), None)
+        .await;
+    assert_eq!(one.body["reason"], "runaway loop");
+
+    // The override ends at its `until`: the limit is 2 again.
+    s.advance(Duration::from_secs(3_601));
+    let mut back = false;
+    for _ in 0..500 {
+        if limit_now(&s).await == 2 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(back, "the override never ended");
+
+    // The audit trail has each step, in order, with its actor.
+    let audit = s
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?subject={AGENT}&kind=approval"),
+            None,
+        )
+        .await;
+    let steps: Vec<(String, String)> = audit.body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap().to_owned(),
+                r["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let key_id = k.body["id"].as_str().unwrap();
+    assert_eq!(
+        steps,
+        [
+            ("approval.requested".to_owned(), key_id.to_owned()),
+            ("approval.approved".to_owned(), "admin".to_owned()),
+            ("approval.requested".to_owned(), key_id.to_owned()),
+            ("approval.denied".to_owned(), "admin".to_owned()),
+        ]
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_reject_bad_input_by_field() {
+    let dir = TempDir::new("approvals-bad");
+    let s = start(&dir).await;
+    for (body, field) in [
+        (policy(2, "10m"), "approval_wait"),
+        (policy(2, "soon"), "approval_wait"),
+        (
+            json!({"limits": [{"metric": "requests", "limit": 1, "window": "1h"}], "action_on_breach": "block", "fallback_action": "alert"}),
+            "fallback_action",
+        ),
+    ] {
+        let r = s
+            .admin(Method::PUT, &format!("/v1/policies/{AGENT}"), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{:?}", r.body);
+        assert_eq!(r.body["error"]["field"], field, "{:?}", r.body);
+    }
+    let r = s
+        .admin(
+            Method::PUT,
+            &format!("/v1/policies/{AGENT}"),
+            Some(policy(1, "0s")),
+        )
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let check = || {
+        s.admin(
+            Method::POST,
+            "/v1/check",
+            Some(json!({"subjects": [AGENT]})),
+        )
+    };
+    assert_eq!(check().await.status, StatusCode::OK);
+    // approval_wait 0s: answered at once, the approval opened.
+    let r = check().await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let id = r.body["error"]["approval_id"].as_str().unwrap().to_owned();
+    for (path, body, status, field) in [
+        (
+            "/v1/approvals/apr_nope/approve",
+            json!({}),
+            StatusCode::NOT_FOUND,
+            "id",
+        ),
+        (
+            &*format!("/v1/approvals/{id}/approve"),
+            json!({"extra": {}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "extra",
+        ),
+        (
+            &*format!("/v1/approvals/{id}/approve"),
+            json!({"extra": {"requests": -1}}),
+            StatusCode::BAD_REQUEST,
+            "",
+        ),
+        (
+            &*format!("/v1/approvals/{id}/approve"),
+            json!({"until": "2020-01-01T00:00:00Z"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "until",
+        ),
+        (
+            &*format!("/v1/approvals/{id}/approve"),
+            json!({"until": "tomorrow"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "until",
+        ),
+        (
+            &*format!("/v1/approvals/{id}/approve"),
+            json!({"bogus": 1}),
+            StatusCode::BAD_REQUEST,
+            "",
+        ),
+    ] {
+        let r = s.admin(Method::POST, path, Some(body)).await;
+        assert_eq!(r.status, status, "{path}: {:?}", r.body);
+        if !field.is_empty() {
+            assert_eq!(r.body["error"]["field"], field, "{:?}", r.body);
+        }
+    }
+    let bad = s
+        .admin(Method::GET, "/v1/approvals?status=maybe", None)
+        .await;
+    assert_eq!(bad.body["error"]["field"], "status");
+    // Still pending after all that; approving with no body grants what was asked.
+    let ok = s
+        .admin(Method::POST, &format!("/v1/approvals/{id}/approve"), None)
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
+    assert_eq!(ok.body["extra"]["requests"], 1);
+    assert_eq!(check().await.status, StatusCode::OK);
+    s.stop().await;
+}
+
+/// The AXME endpoints: `action_on_breach: "require_approval"` holds an
+/// intent past the hourly cap; approving releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axme_intents_wait_for_approval() {
+    let dir = TempDir::new("approvals-axme");
+    let s = start(&dir).await;
+    let bot = "agent://myorg/production/order-processor";
+    let r = s
+        .admin(
+            Method::PUT,
+            &format!("/v1/mesh/agents/{bot}/policies/cost"),
+            Some(json!({"max_intents_per_hour": 1, "action_on_breach": "require_approval"})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let intent = json!({"intent_type": "x", "to_agent": bot});
+    assert_eq!(
+        s.admin(Method::POST, "/v1/intents", Some(intent.clone()))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let held = {
+        let s2 = s.handle();
+        let intent = intent.clone();
+        tokio::spawn(async move { s2.admin(Method::POST, "/v1/intents", Some(intent)).await })
+    };
+    let list = pending(&s, 1).await;
+    let id = list[0]["id"].as_str().unwrap();
+    let ok = s
+        .admin(
+            Method::POST,
+            &format!("/v1/approvals/{id}/approve"),
+            Some(json!({"extra": {"requests": 10}})),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
+    let r = held.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    s.stop().await;
+}
