@@ -457,9 +457,20 @@ pub(crate) fn policy_of<T>(
         .map(f)
 }
 
-/// The action on breach of `subject`'s policy (its own, else its kind's tier).
-pub(crate) fn action_of(st: &AppState, subject: &Subject) -> crate::wire::Action {
-    policy_of(st, subject, |p| p.action).unwrap_or_default()
+/// What a refusal of `subject` by `d`'s limit does: the limit's own
+/// `action_on_breach` if set, else its policy's (its own, else its kind's tier).
+pub(crate) fn action_of(st: &AppState, subject: &Subject, d: &Denial) -> crate::wire::Action {
+    policy_of(st, subject, |p| {
+        p.body
+            .limits
+            .iter()
+            .zip(p.policy.limits())
+            .find(|(_, l)| l.metric() == d.metric && l.window() == d.window)
+            .and_then(|(b, _)| b.action_on_breach.as_deref())
+            .and_then(|a| crate::wire::Action::parse(a, "action_on_breach").ok())
+            .unwrap_or(p.action)
+    })
+    .unwrap_or_default()
 }
 
 /// What [`decide_letting_alerts`] decided: the subjects still enforced, the
@@ -492,7 +503,7 @@ where
                 let now = st.now().as_nanos();
                 let alerting = enforced
                     .get(d.subject)
-                    .is_some_and(|s| action_of(st, s) == crate::wire::Action::Alert);
+                    .is_some_and(|s| action_of(st, s, &d) == crate::wire::Action::Alert);
                 if !alerting {
                     st.breaches
                         .record(&d, &enforced, endpoint, "block", who, now);
@@ -544,7 +555,7 @@ async fn spend_letting_alerts(
     };
     if subjects
         .get(d.subject)
-        .is_none_or(|s| action_of(st, s) != crate::wire::Action::Alert)
+        .is_none_or(|s| action_of(st, s, &d) != crate::wire::Action::Alert)
     {
         st.breaches
             .record(&d, subjects, endpoint, "block", who, st.now().as_nanos());
@@ -596,7 +607,7 @@ async fn approval_gate(
     endpoint: &'static str,
 ) -> Option<Parked> {
     let s = subjects.get(d.subject)?;
-    if action_of(st, s) != crate::wire::Action::RequireApproval {
+    if action_of(st, s, d) != crate::wire::Action::RequireApproval {
         return None;
     }
     st.breaches.record(
@@ -672,7 +683,7 @@ pub(crate) async fn reserve_letting_alerts(
     };
     if subjects
         .get(d.subject)
-        .is_none_or(|s| action_of(st, s) != crate::wire::Action::Alert)
+        .is_none_or(|s| action_of(st, s, &d) != crate::wire::Action::Alert)
     {
         // A provider quota sends the proxy to the next model, if any.
         let action = if subjects
@@ -1512,6 +1523,7 @@ async fn mesh_put(State(st): St, headers: HeaderMap, uri: Uri, body: Body) -> Re
                         algorithm: None,
                         burst: None,
                         buckets: None,
+                        action_on_breach: None,
                     });
                 }
             }

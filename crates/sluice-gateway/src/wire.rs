@@ -204,6 +204,10 @@ pub struct LimitBody {
     /// Sliding sub-windows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buckets: Option<u32>,
+    /// What a refusal by this limit does, over the policy's
+    /// `action_on_breach`: `block`, `alert` or `require_approval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_on_breach: Option<String>,
 }
 
 /// A policy as written: `PUT /v1/policies/{subject}`.
@@ -326,6 +330,15 @@ impl PolicyBody {
                 .as_ref()
                 .map(|b| amount_of(metric, b, &format!("limits[{i}].burst")))
                 .transpose()?;
+            if let Some(a) = &l.action_on_breach {
+                let field = format!("limits[{i}].action_on_breach");
+                if Action::parse(a, &field)? == Action::Degrade {
+                    return Err(ApiError::invalid(
+                        field,
+                        "degrade acts on the whole policy (its degrade rules): expected block, alert or require_approval",
+                    ));
+                }
+            }
             let more = metric.map_or(0, |m| extra.get(m));
             limits.push(LimitDef {
                 metric: l.metric.clone(),
@@ -386,6 +399,26 @@ impl PolicyBody {
         } else {
             action
         };
+        // `alert` lets the whole subject past its limits in that request, so
+        // it cannot sit beside limits that must hold: all or none.
+        let actions: Vec<Action> = self
+            .limits
+            .iter()
+            .map(|l| {
+                l.action_on_breach
+                    .as_deref()
+                    .and_then(|a| Action::parse(a, "action_on_breach").ok())
+                    .unwrap_or(action)
+            })
+            .collect();
+        if actions.contains(&Action::Alert) {
+            if let Some(i) = actions.iter().position(|a| *a != Action::Alert) {
+                return Err(ApiError::invalid(
+                    format!("limits[{i}].action_on_breach"),
+                    "alert lets the subject past all its limits in the request it lets through, so a policy's limits either all alert or none does; put the limits that must hold on another subject (a team, a key) or make them require_approval",
+                ));
+            }
+        }
         let at = self.alert_at.as_deref().unwrap_or_default();
         if at.len() > 10 {
             return Err(ApiError::invalid("alert_at", "at most 10 thresholds"));
@@ -466,6 +499,9 @@ pub fn policy_json(subject: &str, body: &PolicyBody, policy: &Policy, updated_ns
             }
             if let Some(b) = b.buckets {
                 v["buckets"] = Value::from(b);
+            }
+            if let Some(a) = &b.action_on_breach {
+                v["action_on_breach"] = Value::from(a.clone());
             }
             v
         })

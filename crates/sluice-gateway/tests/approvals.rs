@@ -376,3 +376,75 @@ async fn axme_intents_wait_for_approval() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     s.stop().await;
 }
+
+/// Actions per limit: a limit's own `action_on_breach` decides its
+/// refusals (here: the minute limit blocks, the hour limit asks for
+/// approval); `alert` cannot sit beside limits that must hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_may_carry_its_own_action() {
+    let dir = TempDir::new("approvals-per-limit");
+    let s = start(&dir).await;
+    let body = json!({
+        "limits": [
+            {"metric": "requests", "limit": 2, "window": "1m"},
+            {"metric": "requests", "limit": 3, "window": "1h", "action_on_breach": "require_approval"},
+        ],
+        "approval_wait": "0s",
+    });
+    let r = s
+        .admin(Method::PUT, &format!("/v1/policies/{AGENT}"), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["limits"][1]["action_on_breach"], "require_approval");
+    assert!(r.body["limits"][0].get("action_on_breach").is_none());
+    let check = || {
+        s.admin(
+            Method::POST,
+            "/v1/check",
+            Some(json!({"subjects": [AGENT]})),
+        )
+    };
+    for _ in 0..2 {
+        assert_eq!(check().await.status, StatusCode::OK);
+    }
+    // The minute limit blocks: no approval.
+    let r = check().await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.body["error"]["window"], "1m");
+    assert!(r.body["error"].get("approval_id").is_none(), "{:?}", r.body);
+    s.advance(Duration::from_secs(61));
+    assert_eq!(check().await.status, StatusCode::OK);
+    // The hour limit asks for approval.
+    let r = check().await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.body["error"]["window"], "1h");
+    assert!(r.body["error"]["approval_id"].is_string(), "{:?}", r.body);
+    assert_eq!(pending(&s, 1).await[0]["limit"]["window"], "1h");
+
+    for (limits, field) in [
+        (
+            json!([{"metric": "requests", "limit": 1, "window": "1m", "action_on_breach": "alert"},
+                   {"metric": "requests", "limit": 5, "window": "1h"}]),
+            "limits[1].action_on_breach",
+        ),
+        (
+            json!([{"metric": "requests", "limit": 1, "window": "1m", "action_on_breach": "degrade"}]),
+            "limits[0].action_on_breach",
+        ),
+        (
+            json!([{"metric": "requests", "limit": 1, "window": "1m", "action_on_breach": "shout"}]),
+            "limits[0].action_on_breach",
+        ),
+    ] {
+        let r = s
+            .admin(
+                Method::PUT,
+                "/v1/policies/user:mixed",
+                Some(json!({ "limits": limits })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{:?}", r.body);
+        assert_eq!(r.body["error"]["field"], field, "{:?}", r.body);
+    }
+    s.stop().await;
+}
