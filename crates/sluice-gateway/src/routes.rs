@@ -480,21 +480,25 @@ pub(crate) type Let<T> = (Vec<Subject>, Vec<Subject>, T);
 /// Decide `subjects` with `decide(enforced, forced)`, letting `alert`-action
 /// subjects past their limits: a refusal by one of them records the breach
 /// (action `alert`), raises its alert, and the rest are decided again
-/// without it. A refusal by any other subject is the answer (with the
-/// subjects its index refers to).
+/// without it. A refusal by a `require_approval` subject parks the request
+/// (approved: decided again, once). A refusal by any other subject is the
+/// answer (with the subjects its index refers to, and the approval waited
+/// on, if any).
 pub(crate) async fn decide_letting_alerts<T, F, Fut>(
     st: &AppState,
     subjects: &[Subject],
     endpoint: &'static str,
-    who: &str,
+    asked: crate::approvals::Asked<'_>,
     mut decide: F,
-) -> Result<Result<Let<T>, (Denial, Vec<Subject>)>, Unavailable>
+) -> Result<Result<Let<T>, (Denial, Vec<Subject>, Option<ApprovalRef>)>, Unavailable>
 where
     F: FnMut(Vec<Subject>, Vec<String>) -> Fut,
     Fut: std::future::Future<Output = Result<Result<T, Denial>, Unavailable>>,
 {
+    let who = asked.caller;
     let mut enforced = subjects.to_vec();
     let mut forced: Vec<Subject> = Vec::new();
+    let mut approved = false;
     loop {
         let names = forced.iter().map(|s| s.as_str().to_owned()).collect();
         match decide(enforced.clone(), names).await? {
@@ -505,9 +509,18 @@ where
                     .get(d.subject)
                     .is_some_and(|s| action_of(st, s, &d) == crate::wire::Action::Alert);
                 if !alerting {
+                    match approval_gate(st, &enforced, &d, asked, endpoint).await {
+                        Some(Parked::Approved) if !approved => {
+                            approved = true;
+                            continue;
+                        }
+                        Some(Parked::Refused(r)) => return Ok(Err((d, enforced, r))),
+                        Some(Parked::Approved) => return Ok(Err((d, enforced, None))),
+                        None => {}
+                    }
                     st.breaches
                         .record(&d, &enforced, endpoint, "block", who, now);
-                    return Ok(Err((d, enforced)));
+                    return Ok(Err((d, enforced, None)));
                 }
                 st.breaches
                     .record(&d, &enforced, endpoint, "alert", who, now);
@@ -561,16 +574,26 @@ async fn spend_letting_alerts(
             .record(&d, subjects, endpoint, "block", who, st.now().as_nanos());
         return Err(denial_error(&d, subjects).0);
     }
-    let decided =
-        decide_letting_alerts(st, subjects, endpoint, who, move |enforced, _| async move {
+    let asked = crate::approvals::Asked {
+        amounts,
+        model: None,
+        caller: who,
+    };
+    let decided = decide_letting_alerts(
+        st,
+        subjects,
+        endpoint,
+        asked,
+        move |enforced, _| async move {
             Ok(
                 match st.engine.check(&Request::new(enforced, amounts)).await? {
                     Decision::Allowed(s) => Ok(s),
                     Decision::Denied(d) => Err(d),
                 },
             )
-        })
-        .await?;
+        },
+    )
+    .await?;
     match decided {
         Ok((enforced, forced, statuses)) => {
             let levels = st
@@ -581,7 +604,7 @@ async fn spend_letting_alerts(
                 .observe(&st.policies, &forced, &levels, st.now().as_nanos());
             Ok((Some(enforced), forced, statuses))
         }
-        Err((d, enforced)) => Err(denial_error(&d, &enforced).0),
+        Err((d, enforced, r)) => Err(approval_error(denial_error(&d, &enforced).0, r.as_ref())),
     }
 }
 
@@ -699,7 +722,12 @@ pub(crate) async fn reserve_letting_alerts(
         return Ok(Err((d, subjects.to_vec(), None)));
     }
     let amounts = request.amounts;
-    let decided = decide_letting_alerts(st, subjects, endpoint, &who, move |enforced, forced| {
+    let asked = crate::approvals::Asked {
+        amounts: request.amounts,
+        model,
+        caller: &who,
+    };
+    let decided = decide_letting_alerts(st, subjects, endpoint, asked, move |enforced, forced| {
         let meta = Meta {
             forced,
             ..meta.clone()
@@ -711,9 +739,7 @@ pub(crate) async fn reserve_letting_alerts(
         }
     })
     .await?;
-    Ok(decided
-        .map(|(enforced, forced, r)| (Some(enforced), forced, r))
-        .map_err(|(d, enforced)| (d, enforced, None)))
+    Ok(decided.map(|(enforced, forced, r)| (Some(enforced), forced, r)))
 }
 
 /// A refusal: 429 with the exact wait, or 422 when no wait can help.

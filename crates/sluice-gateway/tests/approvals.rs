@@ -448,3 +448,43 @@ async fn a_limit_may_carry_its_own_action() {
     }
     s.stop().await;
 }
+
+/// A request one subject's `alert` lets through and another's
+/// `require_approval` refuses is held for approval, not blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_after_an_alert_in_the_same_request() {
+    let dir = TempDir::new("approvals-mixed");
+    let s = start(&dir).await;
+    let loud = json!({"limits": [{"metric": "requests", "limit": 1, "window": "1h"}], "action_on_breach": "alert"});
+    assert!(
+        s.admin(Method::PUT, "/v1/policies/user:loud", Some(loud))
+            .await
+            .status
+            .is_success()
+    );
+    assert!(
+        s.admin(
+            Method::PUT,
+            &format!("/v1/policies/{AGENT}"),
+            Some(policy(1, "0s"))
+        )
+        .await
+        .status
+        .is_success()
+    );
+    let both = json!({"subjects": ["user:loud", AGENT]});
+    let r = s.admin(Method::POST, "/v1/check", Some(both.clone())).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = s.admin(Method::POST, "/v1/check", Some(both.clone())).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert_eq!(r.body["error"]["subject"], AGENT);
+    let id = r.body["error"]["approval_id"].as_str().unwrap().to_owned();
+    let ok = s
+        .admin(Method::POST, &format!("/v1/approvals/{id}/approve"), None)
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
+    let r = s.admin(Method::POST, "/v1/check", Some(both)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["let_through"][0], "user:loud");
+    s.stop().await;
+}

@@ -1147,6 +1147,16 @@ async fn degrade_rules_swap_the_model_and_cap_max_tokens_as_the_budget_fills() {
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
     assert_eq!(up.requests(), before);
     assert_eq!(outstanding(&s).await, 0);
+    // The decision API knows no model to swap: at 100% it gets the fallback (block).
+    let r = s
+        .call(
+            Method::POST,
+            "/v1/reserve",
+            &key,
+            Some(json!({"subjects": [AGENT], "amounts": {"cost_usd": 0.001}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
 
     for (bad, field) in [
         (json!([{"at": 1.0, "model": "gpt-backup"}]), "degrade[0].at"),
