@@ -133,6 +133,10 @@ async fn require_approval_holds_requests_until_a_human_decides() {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
     assert_eq!(limit_now(&s).await, 5);
+    // The override survives a restart.
+    let clock = s.stop().await;
+    let s = Server::start_with(&dir, "lease_check_ms = 20\n", clock).await;
+    assert_eq!(limit_now(&s).await, 5);
     // 2 + 3 allowed: one more passes at once, the next is held again.
     assert_eq!(check(&s).await.status, StatusCode::OK);
     let again = s
