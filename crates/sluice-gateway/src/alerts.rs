@@ -159,7 +159,41 @@ impl Alerts {
             attempts: 0,
             last_error: None,
             delivered_ns: None,
+            approval_id: None,
         };
+        self.send(row);
+    }
+
+    /// A request is held for a human: announce its approval (one event per
+    /// approval, whatever the window).
+    pub fn approval_requested(
+        &self,
+        subject: &Subject,
+        d: &sluice_core::Denial,
+        used: u64,
+        approval_id: &str,
+        now_ns: u64,
+    ) {
+        self.send(AlertRow {
+            seq: 0,
+            ts_ns: now_ns,
+            subject: subject.as_str().to_owned(),
+            metric: d.metric.name().to_owned(),
+            window: crate::wire::window_name(d.window).into_owned(),
+            threshold_bp: 0,
+            // Unique per approval (the table's key), not per window.
+            window_key: now_ns,
+            used,
+            limit: d.limit,
+            status: String::new(),
+            attempts: 0,
+            last_error: None,
+            delivered_ns: None,
+            approval_id: Some(approval_id.to_owned()),
+        });
+    }
+
+    fn send(&self, row: AlertRow) {
         if self.tx.try_send(row).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -204,6 +238,27 @@ fn bodies(row: &AlertRow, at: &str) -> (String, String) {
     let used = crate::wire::metric_value(metric, row.used);
     let limit = crate::wire::metric_value(metric, row.limit);
     let threshold = f64::from(row.threshold_bp) / 10_000.0;
+    if let Some(id) = &row.approval_id {
+        let json = serde_json::json!({
+            "type": "sluice.approval_requested",
+            "id": row.seq,
+            "approval_id": id,
+            "subject": row.subject,
+            "metric": row.metric,
+            "window": row.window,
+            "used": used,
+            "limit": limit,
+            "at": at,
+        });
+        let text = format!(
+            "Sluice: {} reached its {} limit per {} ({}) at {at}; a request is held for approval {id}: `sluice approvals approve {id}` or `sluice approvals deny {id}`",
+            row.subject, row.metric, row.window, limit
+        );
+        return (
+            json.to_string(),
+            serde_json::json!({ "text": text }).to_string(),
+        );
+    }
     if row.threshold_bp == 0 {
         let json = serde_json::json!({
             "type": "sluice.breach",

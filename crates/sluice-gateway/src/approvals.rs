@@ -354,7 +354,8 @@ async fn open(
                     row.id,
                     row.id
                 );
-                st.alerts.breached(subject, d, now);
+                st.alerts
+                    .approval_requested(subject, d, row.used, &row.id, now);
             }
             Some((opened.id, opened.resets_ns))
         }

@@ -169,6 +169,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     CREATE UNIQUE INDEX approvals_open ON approvals (subject, metric, win) WHERE status = 'pending';
     CREATE INDEX approvals_created ON approvals (created_ns);",
     ),
+    // An alert may announce an approval waiting for a human.
+    (8, "ALTER TABLE alerts ADD COLUMN approval_id TEXT;"),
 ];
 
 /// The schema version a migrated database is at.
@@ -449,6 +451,8 @@ pub struct AlertRow {
     pub last_error: Option<String>,
     /// When delivered, ns.
     pub delivered_ns: Option<u64>,
+    /// The approval it announces (`require_approval`), if any.
+    pub approval_id: Option<String>,
 }
 
 /// `INSERT` of one audit record inside a transaction `$tx`.
@@ -904,8 +908,8 @@ impl Db {
     pub async fn insert_alert(&self, a: &AlertRow) -> Result<Option<i64>, DbError> {
         on_pool!(self, pool => {
             let seq: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO alerts (ts_ns, subject, metric, win, threshold_bp, window_key, used, lim, status, attempts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
+                "INSERT INTO alerts (ts_ns, subject, metric, win, threshold_bp, window_key, used, lim, status, attempts,
+                 approval_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10)
                  ON CONFLICT (subject, metric, win, threshold_bp, window_key) DO NOTHING RETURNING seq",
             )
             .bind(to_i64(a.ts_ns))
@@ -917,6 +921,7 @@ impl Db {
             .bind(to_i64(a.used))
             .bind(to_i64(a.limit))
             .bind(&a.status)
+            .bind(&a.approval_id)
             .fetch_optional(pool)
             .await?;
             Ok::<_, DbError>(seq)
@@ -952,7 +957,8 @@ impl Db {
         on_pool!(self, pool => {
             let rows = sqlx::query(
                 "SELECT seq, ts_ns, subject, metric, win, threshold_bp, window_key, used, lim, status, attempts,
-                 last_error, delivered_ns FROM alerts WHERE status = COALESCE($1, status) ORDER BY seq DESC LIMIT $2",
+                 last_error, delivered_ns, approval_id FROM alerts WHERE status = COALESCE($1, status)
+                 ORDER BY seq DESC LIMIT $2",
             )
             .bind(status)
             .bind(i64::from(limit))
@@ -974,6 +980,7 @@ impl Db {
                         attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(0),
                         last_error: r.try_get("last_error")?,
                         delivered_ns: r.try_get::<Option<i64>, _>("delivered_ns")?.map(to_u64),
+                        approval_id: r.try_get("approval_id")?,
                     })
                 })
                 .collect::<Result<Vec<_>, DbError>>()

@@ -2093,6 +2093,7 @@ async fn alerts(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
                         "attempts": a.attempts,
                         "last_error": a.last_error,
                         "delivered_at": a.delivered_ns.map(rfc3339),
+                        "approval_id": a.approval_id,
                     })
                 })
                 .collect();

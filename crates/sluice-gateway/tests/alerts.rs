@@ -428,3 +428,68 @@ async fn the_alert_action_lets_requests_through_counts_them_and_alerts_once() {
     );
     s.stop().await;
 }
+
+/// A request held for approval is announced to the webhooks once per
+/// approval, naming it (a held request is not "let through").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_announces_its_approval() {
+    let (url, h) = hook(true).await;
+    let dir = TempDir::new("alert-approval");
+    let toml = format!(
+        "[[alerts.webhooks]]\nurl = \"{url}\"\nformat = \"slack\"\n[[alerts.webhooks]]\nurl = \"{url}\"\n"
+    );
+    let s = Server::start_with(
+        &dir,
+        &toml,
+        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
+    )
+    .await;
+    let r = s
+        .admin(
+            Method::PUT,
+            "/v1/policies/user:careful",
+            Some(
+                json!({"limits": [{"metric": "requests", "limit": 1, "window": "day"}],
+                        "action_on_breach": "require_approval", "approval_wait": "0s"}),
+            ),
+        )
+        .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let check = json!({"subjects": ["user:careful"]});
+    assert_eq!(
+        s.admin(Method::POST, "/v1/check", Some(check.clone()))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = s
+            .admin(Method::POST, "/v1/check", Some(check.clone()))
+            .await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        ids.push(r.body["error"]["approval_id"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        ids.iter().all(|i| *i == ids[0]),
+        "one pending approval: {ids:?}"
+    );
+    until("the approval announced to both webhooks", || {
+        h.got.lock().unwrap().len() == 2
+    })
+    .await;
+    let got = h.got.lock().unwrap().clone();
+    let bodies: Vec<Value> = got
+        .iter()
+        .map(|(_, b)| serde_json::from_str(b).unwrap())
+        .collect();
+    let json = bodies.iter().find(|b| b.get("type").is_some()).unwrap();
+    assert_eq!(json["type"], "sluice.approval_requested");
+    assert_eq!(json["approval_id"], ids[0].as_str());
+    assert_eq!(json["subject"], "user:careful");
+    let slack = bodies.iter().find(|b| b.get("text").is_some()).unwrap();
+    assert!(slack["text"].as_str().unwrap().contains(&ids[0]), "{slack}");
+    let listed = s.admin(Method::GET, "/v1/alerts", None).await;
+    assert_eq!(listed.body["alerts"][0]["approval_id"], ids[0].as_str());
+    s.stop().await;
+}
