@@ -171,6 +171,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     // An alert may announce an approval waiting for a human.
     (8, "ALTER TABLE alerts ADD COLUMN approval_id TEXT;"),
+    // The mesh event log reads breaches from the audit trail by kind and time.
+    (9, "CREATE INDEX audit_kind ON audit (kind, ts_ns);"),
 ];
 
 /// The schema version a migrated database is at.
@@ -321,11 +323,13 @@ pub struct Killed {
 /// One entry of the mesh's event log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshEvent {
-    /// Order of the log.
+    /// Order of its log.
     pub seq: i64,
+    /// Its log: `mesh_events` (kills, resumes) or `audit` (breaches).
+    pub source: String,
     /// When, ns.
     pub ts_ns: u64,
-    /// `kill` or `resume`.
+    /// `kill`, `resume` or `breach`.
     pub kind: String,
     /// The agent.
     pub subject: String,
@@ -1215,8 +1219,12 @@ impl Db {
     ) -> Result<Vec<MeshEvent>, DbError> {
         on_pool!(self, pool => {
             let rows = sqlx::query(
-                "SELECT seq, ts_ns, kind, subject, actor, detail FROM mesh_events
-                 WHERE kind = COALESCE($1, kind) ORDER BY seq DESC LIMIT $2",
+                "SELECT 'mesh_events' AS source, seq, ts_ns, kind, subject, actor, detail FROM mesh_events
+                 WHERE kind = COALESCE($1, kind)
+                 UNION ALL
+                 SELECT 'audit' AS source, seq, ts_ns, kind, subject, actor, detail FROM audit
+                 WHERE kind = 'breach' AND COALESCE($1, 'breach') = 'breach'
+                 ORDER BY ts_ns DESC, seq DESC LIMIT $2",
             )
             .bind(kind)
             .bind(i64::from(limit))
@@ -1226,6 +1234,7 @@ impl Db {
                 .map(|r| {
                     Ok(MeshEvent {
                         seq: r.try_get("seq")?,
+                        source: r.try_get("source")?,
                         ts_ns: to_u64(r.try_get("ts_ns")?),
                         kind: r.try_get("kind")?,
                         subject: r.try_get("subject")?,

@@ -1778,7 +1778,7 @@ async fn mesh_agents(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
     )
 }
 
-/// `GET /v1/mesh/events`: kills and resumes, newest first (`?event_type=`, `?limit=`).
+/// `GET /v1/mesh/events`: kills, resumes and breaches, newest first (`?event_type=`, `?limit=`).
 async fn mesh_events(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
     result(
         async {
@@ -1790,10 +1790,10 @@ async fn mesh_events(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
                 .find(|(k, _)| k == "event_type")
                 .map(|(_, v)| v.as_str());
             if let Some(k) = kind {
-                if k != "kill" && k != "resume" {
+                if !["kill", "resume", "breach"].contains(&k) {
                     return Err(ApiError::invalid(
                         "event_type",
-                        format!("expected \"kill\" or \"resume\", got {k:?}"),
+                        format!("expected kill, resume or breach, got {k:?}"),
                     ));
                 }
             }
@@ -1806,6 +1806,7 @@ async fn mesh_events(State(st): St, headers: HeaderMap, uri: Uri) -> Response {
                 .map(|e| {
                     json!({
                         "id": e.seq,
+                        "source": e.source,
                         "event_type": e.kind,
                         "address": e.subject,
                         "actor": e.actor,

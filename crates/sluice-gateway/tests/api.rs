@@ -1095,6 +1095,16 @@ async fn audit_trail_records_every_change_in_order_with_its_actor() {
     assert_eq!(breach["detail"]["window"], "1h");
     assert_eq!(breach["detail"]["limit"], 1);
     assert_eq!(breach["detail"]["action"], "block");
+    // The mesh event log lists the breach too (beside kills and resumes).
+    let events = s
+        .admin(Method::GET, "/v1/mesh/events?event_type=breach", None)
+        .await;
+    assert_eq!(events.status, StatusCode::OK, "{:?}", events.body);
+    let e = &events.body["events"][0];
+    assert_eq!(e["event_type"], "breach", "{e}");
+    assert_eq!(e["source"], "audit");
+    assert_eq!(e["address"], agent);
+    assert_eq!(e["detail"]["refusals"], 2);
     s.admin(
         Method::POST,
         &format!("/v1/mesh/agents/{agent}/kill"),
