@@ -128,6 +128,17 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Approvals {
     inner: Mutex<Inner>,
+    /// Requests held on this replica now.
+    held: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a held request while it lives (a client that goes away drops it).
+struct Holding<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The default `approval_wait`.
@@ -140,6 +151,15 @@ impl Approvals {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// (requests held here now, pending approvals known here, subjects with
+    /// an override in force), for `/metrics`.
+    pub fn gauges(&self) -> (u64, u64, u64) {
+        let held = self.held.load(std::sync::atomic::Ordering::Relaxed);
+        let inner = self.lock();
+        let pending = inner.open.values().filter(|o| !o.denied).count() as u64;
+        (held, pending, inner.overrides.len() as u64)
     }
 
     /// The extra amounts in force on `subject` (zero if none).
@@ -271,6 +291,10 @@ pub async fn park(st: &AppState, subject: &Subject, d: &Denial, asked: Asked<'_>
         rx
     };
     let wait = wait_of(st, subject);
+    st.approvals
+        .held
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _holding = Holding(&st.approvals.held);
     let waited = tokio::time::timeout(wait, rx.wait_for(|p| *p != Phase::Pending))
         .await
         .map(|r| r.map(|p| *p));

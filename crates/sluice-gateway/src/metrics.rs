@@ -77,6 +77,12 @@ pub struct Gauges {
     pub store_fallbacks: u64,
     /// Decisions refused with 503 because the store failed since start.
     pub store_denied: u64,
+    /// Requests held for a human's approval on this replica now.
+    pub approvals_held: u64,
+    /// Pending approvals this replica knows of.
+    pub approvals_pending: u64,
+    /// Subjects with an approval's override in force.
+    pub overrides: u64,
 }
 
 impl Metrics {
@@ -207,6 +213,24 @@ impl Metrics {
                 "Decisions refused with 503 while the shared store failed (on_store_error deny).",
                 "counter",
                 g.store_denied as f64,
+            ),
+            (
+                "sluice_approvals_held_requests",
+                "Requests held open on this replica waiting for a human's approval (require_approval).",
+                "gauge",
+                g.approvals_held as f64,
+            ),
+            (
+                "sluice_approvals_pending",
+                "Pending approvals this replica knows of.",
+                "gauge",
+                g.approvals_pending as f64,
+            ),
+            (
+                "sluice_approval_overrides",
+                "Subjects whose limits an approval's override raises now.",
+                "gauge",
+                g.overrides as f64,
             ),
         ] {
             let _ = writeln!(

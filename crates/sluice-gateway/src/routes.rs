@@ -199,6 +199,7 @@ async fn healthz() -> Response {
 async fn metrics(State(st): St) -> Response {
     let stats = &st.ledger.stats;
     let store = st.engine.stats();
+    let (approvals_held, approvals_pending, overrides) = st.approvals.gauges();
     let g = Gauges {
         outstanding: st.engine.outstanding().await.unwrap_or(0),
         ledger_pending: stats.pending.load(Ordering::Relaxed),
@@ -216,6 +217,9 @@ async fn metrics(State(st): St) -> Response {
         store_errors: store.map_or(0, |s| s.errors.load(Ordering::Relaxed)),
         store_fallbacks: store.map_or(0, |s| s.fallbacks.load(Ordering::Relaxed)),
         store_denied: store.map_or(0, |s| s.denied.load(Ordering::Relaxed)),
+        approvals_held,
+        approvals_pending,
+        overrides,
     };
     (
         [(

@@ -49,6 +49,16 @@ async fn pending(s: &Server, n: usize) -> Vec<Value> {
     panic!("never {n} pending approvals");
 }
 
+async fn metric(s: &Server, name: &str) -> f64 {
+    let m = s.raw(Method::GET, "/metrics", &[], None).await;
+    let text = m.body.as_str().unwrap().to_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 async fn limit_now(s: &Server) -> Value {
     let u = s
         .admin(Method::GET, &format!("/v1/usage/{AGENT}"), None)
@@ -104,6 +114,15 @@ async fn require_approval_holds_requests_until_a_human_decides() {
     assert_eq!(a["limit"]["used"], 2);
     assert_eq!(a["requested"]["requests"], 1);
     assert!(!held_a.is_finished() && !held_b.is_finished());
+    // Both held (bounded wait: the second may still be on its way in).
+    for _ in 0..500 {
+        if metric(&s, "sluice_approvals_held_requests").await == 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric(&s, "sluice_approvals_held_requests").await, 2.0);
+    assert_eq!(metric(&s, "sluice_approvals_pending").await, 1.0);
     // Only the admin decides.
     let by_agent = s
         .call(
@@ -133,6 +152,9 @@ async fn require_approval_holds_requests_until_a_human_decides() {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
     assert_eq!(limit_now(&s).await, 5);
+    assert_eq!(metric(&s, "sluice_approvals_held_requests").await, 0.0);
+    assert_eq!(metric(&s, "sluice_approvals_pending").await, 0.0);
+    assert_eq!(metric(&s, "sluice_approval_overrides").await, 1.0);
     // The override survives a restart.
     let clock = s.stop().await;
     let s = Server::start_with(&dir, "lease_check_ms = 20\n", clock).await;
