@@ -1067,6 +1067,9 @@ async fn degrade(
     req: &mut Value,
     model: &mut Model,
 ) -> Option<String> {
+    if !st.degrade_any.load(std::sync::atomic::Ordering::Acquire) {
+        return None;
+    }
     let Ok(subjects) = subjects(caller, headers, model) else {
         return None;
     };

@@ -325,6 +325,10 @@ async fn set_policy(
     if stored.body.alert_at.is_some() {
         st.alerts.enable();
     }
+    if stored.body.degrade.is_some() {
+        st.degrade_any
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
     let old = st
         .policies
         .write()

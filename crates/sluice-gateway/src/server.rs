@@ -82,6 +82,9 @@ pub struct AppState {
     pub kill: crate::killswitch::KillSwitch,
     /// Pending approvals, parked requests, overrides in force.
     pub approvals: crate::approvals::Approvals,
+    /// Whether any policy has `degrade` rules (set once one does; the proxy
+    /// skips the degrade step while none has).
+    pub degrade_any: std::sync::atomic::AtomicBool,
     /// Refusals waiting for the audit trail.
     pub breaches: crate::audit::Breaches,
     /// Early warnings.
@@ -298,6 +301,11 @@ impl Gateway {
             metrics: Metrics::default(),
             kill,
             approvals: crate::approvals::Approvals::default(),
+            degrade_any: std::sync::atomic::AtomicBool::new(
+                policies
+                    .values()
+                    .any(|p: &StoredPolicy| p.body.degrade.is_some()),
+            ),
             breaches: crate::audit::Breaches::default(),
             alerts,
             intents: AtomicU64::new(1),
@@ -483,6 +491,11 @@ pub async fn reload(state: &AppState) -> Result<(), DbError> {
             state.engine.set_policy(&s, policy);
             if stored.body.alert_at.is_some() {
                 state.alerts.enable();
+            }
+            if stored.body.degrade.is_some() {
+                state
+                    .degrade_any
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
             state
                 .policies
