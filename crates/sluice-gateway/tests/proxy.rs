@@ -30,7 +30,19 @@ async fn setup_edited(
 ) -> (Server, FakeUpstream, String, TempDir) {
     let up = FakeUpstream::start().await;
     let dir = TempDir::new("proxy");
-    let toml = format!(
+    let toml = edit(config_for(&up, extra));
+    let s = Server::start_with(
+        &dir,
+        &toml,
+        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
+    )
+    .await;
+    setup_agent(s, up, dir, budget_usd).await
+}
+
+/// The standard config, pointed at `up`.
+fn config_for(up: &FakeUpstream, extra: &str) -> String {
+    format!(
         "{extra}[[providers]]\nname = \"fake\"\nformat = \"openai\"\nbase_url = \"{}\"\napi_key_env = \"FAKE_UPSTREAM_KEY\"\n\
          [[models]]\nname = \"gpt-test\"\nprovider = \"fake\"\nupstream_name = \"fake-model-1\"\n\
          input_usd_per_mtok = 2.0\noutput_usd_per_mtok = 8.0\ncached_input_usd_per_mtok = 0.5\nmax_output_tokens = 1000\n\
@@ -41,14 +53,16 @@ async fn setup_edited(
          [[models]]\nname = \"claude-test\"\nprovider = \"fake-anthropic\"\n\
          input_usd_per_mtok = 3.0\noutput_usd_per_mtok = 15.0\ncached_input_usd_per_mtok = 0.3\nmax_output_tokens = 1000\n",
         up.base_url, up.base_url
-    );
-    let toml = edit(toml);
-    let s = Server::start_with(
-        &dir,
-        &toml,
-        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
     )
-    .await;
+}
+
+/// The agent's key and its budget on a started server.
+async fn setup_agent(
+    s: Server,
+    up: FakeUpstream,
+    dir: TempDir,
+    budget_usd: f64,
+) -> (Server, FakeUpstream, String, TempDir) {
     let k = s
         .admin(Method::POST, "/v1/keys", Some(json!({"subject": AGENT})))
         .await;
@@ -1103,7 +1117,13 @@ async fn degrade_rules_swap_the_model_and_cap_max_tokens_as_the_budget_fills() {
         output: 1_000,
     });
     let mut seen = Vec::new();
+    let mut s = s;
     for i in 1..=15 {
+        if i == 9 {
+            // Degrade rules hold across a restart (relearnt from the stored policy).
+            let clock = s.stop().await;
+            s = Server::start_with(&_dir, &config_for(&up, "upstream_attempts = 1\n"), clock).await;
+        }
         let r = s
             .call(Method::POST, "/v1/chat/completions", &key, Some(chat(1000)))
             .await;
