@@ -237,75 +237,72 @@ fn bodies(row: &AlertRow, at: &str) -> (String, String) {
     let metric: Metric = row.metric.parse().unwrap_or(Metric::Requests);
     let used = crate::wire::metric_value(metric, row.used);
     let limit = crate::wire::metric_value(metric, row.limit);
-    let threshold = f64::from(row.threshold_bp) / 10_000.0;
-    if let Some(id) = &row.approval_id {
-        let json = serde_json::json!({
-            "type": "sluice.approval_requested",
-            "id": row.seq,
-            "approval_id": id,
-            "subject": row.subject,
-            "metric": row.metric,
-            "window": row.window,
-            "used": used,
-            "limit": limit,
-            "at": at,
-        });
-        let text = format!(
-            "Sluice: {} reached its {} limit per {} ({}) at {at}; a request is held for approval {id}: `sluice approvals approve {id}` or `sluice approvals deny {id}`",
-            row.subject, row.metric, row.window, limit
-        );
-        return (
-            json.to_string(),
-            serde_json::json!({ "text": text }).to_string(),
-        );
-    }
-    if row.threshold_bp == 0 {
-        let json = serde_json::json!({
-            "type": "sluice.breach",
-            "id": row.seq,
-            "subject": row.subject,
-            "metric": row.metric,
-            "window": row.window,
-            "limit": limit,
-            "action": "alert",
-            "at": at,
-        });
-        let text = format!(
-            "Sluice: {} went over its {} limit per {} ({}) at {at}; action alert: the request was let through",
-            row.subject, row.metric, row.window, limit
-        );
-        return (
-            json.to_string(),
-            serde_json::json!({ "text": text }).to_string(),
-        );
-    }
-    let json = serde_json::json!({
-        "type": "sluice.alert",
-        "id": row.seq,
-        "subject": row.subject,
-        "metric": row.metric,
-        "window": row.window,
-        "threshold": threshold,
-        "used": used,
-        "limit": limit,
-        "at": at,
-    });
-    let money = |v: &serde_json::Value| {
-        if metric == Metric::CostUsd {
-            format!("${v}")
-        } else {
-            v.to_string()
-        }
+    let (json, text) = if let Some(id) = &row.approval_id {
+        (
+            serde_json::json!({
+                "type": "sluice.approval_requested",
+                "id": row.seq,
+                "approval_id": id,
+                "subject": row.subject,
+                "metric": row.metric,
+                "window": row.window,
+                "used": used,
+                "limit": limit,
+                "at": at,
+            }),
+            format!(
+                "Sluice: {} reached its {} limit per {} ({}) at {at}; a request is held for approval {id}: `sluice approvals approve {id}` or `sluice approvals deny {id}`",
+                row.subject, row.metric, row.window, limit
+            ),
+        )
+    } else if row.threshold_bp == 0 {
+        (
+            serde_json::json!({
+                "type": "sluice.breach",
+                "id": row.seq,
+                "subject": row.subject,
+                "metric": row.metric,
+                "window": row.window,
+                "limit": limit,
+                "action": "alert",
+                "at": at,
+            }),
+            format!(
+                "Sluice: {} went over its {} limit per {} ({}) at {at}; action alert: the request was let through",
+                row.subject, row.metric, row.window, limit
+            ),
+        )
+    } else {
+        let money = |v: &serde_json::Value| {
+            if metric == Metric::CostUsd {
+                format!("${v}")
+            } else {
+                v.to_string()
+            }
+        };
+        (
+            serde_json::json!({
+                "type": "sluice.alert",
+                "id": row.seq,
+                "subject": row.subject,
+                "metric": row.metric,
+                "window": row.window,
+                "threshold": f64::from(row.threshold_bp) / 10_000.0,
+                "used": used,
+                "limit": limit,
+                "at": at,
+            }),
+            format!(
+                "Sluice: {} crossed {}% of its {} limit per {} ({} of {}) at {at}",
+                row.subject,
+                row.threshold_bp / 100,
+                row.metric,
+                row.window,
+                money(&used),
+                money(&limit),
+            ),
+        )
     };
-    let text = format!(
-        "Sluice: {} crossed {}% of its {} limit per {} ({} of {}) at {at}",
-        row.subject,
-        row.threshold_bp / 100,
-        row.metric,
-        row.window,
-        money(&used),
-        money(&limit),
-    );
     (
         json.to_string(),
         serde_json::json!({ "text": text }).to_string(),

@@ -124,6 +124,16 @@ struct Inner {
     overrides: HashMap<String, Vec<Override>>,
 }
 
+impl Inner {
+    /// The wake-up of approval `id` (made pending if none yet).
+    fn waiter(&mut self, id: &str) -> &mut Waiter {
+        self.waiters.entry(id.to_owned()).or_insert_with(|| Waiter {
+            tx: watch::channel(Phase::Pending).0,
+            decided_ns: None,
+        })
+    }
+}
+
 /// Approvals as the decision path needs them.
 #[derive(Debug, Default)]
 pub struct Approvals {
@@ -177,8 +187,8 @@ impl Approvals {
         self.lock().overrides.keys().cloned().collect()
     }
 
-    /// A decision was made here (or learnt from another replica): update
-    /// what is open and the overrides. Its parked requests are woken by
+    /// An approval as the database has it (pending, or decided here or on
+    /// another replica): update what is open and the overrides. Its parked requests are woken by
     /// [`Approvals::wake`], once the override is installed, so none decides
     /// again before it is in force.
     fn record(&self, row: &ApprovalRow) {
@@ -186,17 +196,17 @@ impl Approvals {
         let mut inner = self.lock();
         let key = (row.subject.clone(), row.metric.clone(), row.window.clone());
         match phase {
-            Phase::Denied => {
+            Phase::Pending | Phase::Denied => {
                 inner.open.insert(
                     key,
                     Open {
                         id: row.id.clone(),
-                        denied: true,
+                        denied: phase == Phase::Denied,
                         resets_ns: row.resets_ns,
                     },
                 );
             }
-            _ => {
+            Phase::Approved | Phase::Expired => {
                 if inner.open.get(&key).is_some_and(|o| o.id == row.id) {
                     inner.open.remove(&key);
                 }
@@ -220,13 +230,7 @@ impl Approvals {
     fn wake(&self, row: &ApprovalRow, now_ns: u64) {
         let phase = Phase::of(&row.status);
         let mut inner = self.lock();
-        let w = inner
-            .waiters
-            .entry(row.id.clone())
-            .or_insert_with(|| Waiter {
-                tx: watch::channel(Phase::Pending).0,
-                decided_ns: None,
-            });
+        let w = inner.waiter(&row.id);
         w.tx.send_replace(phase);
         w.decided_ns = Some(now_ns);
     }
@@ -276,11 +280,7 @@ pub async fn park(st: &AppState, subject: &Subject, d: &Denial, asked: Asked<'_>
     let (id, resets_ns) = id;
     let mut rx = {
         let mut inner = st.approvals.lock();
-        let w = inner.waiters.entry(id.clone()).or_insert_with(|| Waiter {
-            tx: watch::channel(Phase::Pending).0,
-            decided_ns: None,
-        });
-        let rx = w.tx.subscribe();
+        let rx = inner.waiter(&id).tx.subscribe();
         if *rx.borrow() == Phase::Pending {
             inner.open.entry(key).or_insert(Open {
                 id: id.clone(),
@@ -455,18 +455,7 @@ pub async fn reload(st: &AppState) -> Result<(), crate::db::DbError> {
     }
     let live: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     for r in &rows {
-        if r.status == "pending" {
-            st.approvals.lock().open.insert(
-                (r.subject.clone(), r.metric.clone(), r.window.clone()),
-                Open {
-                    id: r.id.clone(),
-                    denied: false,
-                    resets_ns: r.resets_ns,
-                },
-            );
-        } else {
-            st.approvals.record(r);
-        }
+        st.approvals.record(r);
     }
     {
         // Parked on an approval no longer live: it expired (or its override already ended).

@@ -1109,10 +1109,7 @@ impl Db {
 
     /// One approval.
     pub async fn approval(&self, id: &str) -> Result<Option<ApprovalRow>, DbError> {
-        Ok(self
-            .approvals_where("id = $1", Some(id), None, 1)
-            .await?
-            .pop())
+        Ok(self.approvals_where("id = $1", &[Some(id)], 1).await?.pop())
     }
 
     /// Approvals, newest first (`status`, `subject` filter).
@@ -1124,8 +1121,7 @@ impl Db {
     ) -> Result<Vec<ApprovalRow>, DbError> {
         self.approvals_where(
             "status = COALESCE($1, status) AND subject = COALESCE($2, subject)",
-            status,
-            subject,
+            &[status, subject],
             limit,
         )
         .await
@@ -1138,18 +1134,17 @@ impl Db {
         self.approvals_where(
             "status = 'pending' OR (status = 'approved' AND until_ns > CAST($1 AS BIGINT))
              OR (status = 'denied' AND resets_ns > CAST($1 AS BIGINT))",
-            Some(&now),
-            None,
+            &[Some(&now)],
             10_000,
         )
         .await
     }
 
+    /// Approvals matching `filter`, whose `$1`, `$2`, ... are `binds`.
     async fn approvals_where(
         &self,
         filter: &str,
-        a: Option<&str>,
-        b: Option<&str>,
+        binds: &[Option<&str>],
         limit: u32,
     ) -> Result<Vec<ApprovalRow>, DbError> {
         let sql = format!(
@@ -1158,9 +1153,9 @@ impl Db {
              ORDER BY created_ns DESC, id DESC LIMIT {limit}"
         );
         on_pool!(self, pool => {
-            let mut q = sqlx::query(&sql).bind(a);
-            if filter.contains("$2") {
-                q = q.bind(b);
+            let mut q = sqlx::query(&sql);
+            for b in binds {
+                q = q.bind(*b);
             }
             let rows = q.fetch_all(pool).await?;
             rows.into_iter()

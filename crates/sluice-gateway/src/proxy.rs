@@ -506,7 +506,7 @@ async fn reserve_for(
         reserved_ns: now.as_nanos(),
         forced: Vec::new(),
     };
-    let reserved = match crate::routes::reserve_letting_alerts(
+    let reserved = match crate::routes::reserve_by_actions(
         st,
         &subjects,
         &Request::new(subjects.iter().cloned(), held),

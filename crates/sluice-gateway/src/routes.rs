@@ -481,7 +481,7 @@ pub(crate) fn action_of(st: &AppState, subject: &Subject, d: &Denial) -> crate::
     .unwrap_or_default()
 }
 
-/// What [`decide_letting_alerts`] decided: the subjects still enforced, the
+/// What [`decide_by_actions`] decided: the subjects still enforced, the
 /// ones let past their limits, and the decision's value.
 pub(crate) type Let<T> = (Vec<Subject>, Vec<Subject>, T);
 
@@ -492,7 +492,7 @@ pub(crate) type Let<T> = (Vec<Subject>, Vec<Subject>, T);
 /// (approved: decided again, once). A refusal by any other subject is the
 /// answer (with the subjects its index refers to, and the approval waited
 /// on, if any).
-pub(crate) async fn decide_letting_alerts<T, F, Fut>(
+pub(crate) async fn decide_by_actions<T, F, Fut>(
     st: &AppState,
     subjects: &[Subject],
     endpoint: &'static str,
@@ -526,8 +526,9 @@ where
                         Some(Parked::Approved) => return Ok(Err((d, enforced, None))),
                         None => {}
                     }
+                    let action = block_action(enforced.get(d.subject));
                     st.breaches
-                        .record(&d, &enforced, endpoint, "block", who, now);
+                        .record(&d, &enforced, endpoint, action, who, now);
                     return Ok(Err((d, enforced, None)));
                 }
                 st.breaches
@@ -541,11 +542,12 @@ where
 }
 
 /// Check-and-take for the spend paths (`check`, `intents`): the usual one
-/// engine call; only when the refusing subject's policy says `alert` are the
-/// others decided again without it, and it (with any other alerting
-/// subject) charged by force. (enforced subjects if not all, forced
-/// subjects, the enforced levels.)
-async fn spend_letting_alerts(
+/// engine call; only when the refusing subject's policy says `alert` or
+/// `require_approval` is the request decided further by
+/// [`decide_by_actions`], the subjects it let through charged by
+/// force. (enforced subjects if not all, forced subjects, the enforced
+/// levels.)
+async fn spend_by_actions(
     st: &AppState,
     subjects: &[Subject],
     amounts: Amounts,
@@ -553,31 +555,11 @@ async fn spend_letting_alerts(
     who: &str,
     request: &Request,
 ) -> Result<(Option<Vec<Subject>>, Vec<Subject>, sluice_core::Statuses), ApiError> {
-    let mut approved = false;
-    let d = loop {
-        let d = match st.engine.check(request).await? {
-            Decision::Allowed(statuses) => return Ok((None, Vec::new(), statuses)),
-            Decision::Denied(d) => d,
-        };
-        let asked = crate::approvals::Asked {
-            amounts,
-            model: None,
-            caller: who,
-        };
-        match approval_gate(st, subjects, &d, asked, endpoint).await {
-            None => break d,
-            // Approved: decided again, once, under the override.
-            Some(Parked::Approved) if !approved => approved = true,
-            Some(Parked::Approved) => return Err(denial_error(&d, subjects).0),
-            Some(Parked::Refused(r)) => {
-                return Err(approval_error(denial_error(&d, subjects).0, r.as_ref()));
-            }
-        }
+    let d = match st.engine.check(request).await? {
+        Decision::Allowed(statuses) => return Ok((None, Vec::new(), statuses)),
+        Decision::Denied(d) => d,
     };
-    if subjects
-        .get(d.subject)
-        .is_none_or(|s| action_of(st, s, &d) != crate::wire::Action::Alert)
-    {
+    if !decided_further(st, subjects, &d) {
         st.breaches
             .record(&d, subjects, endpoint, "block", who, st.now().as_nanos());
         return Err(denial_error(&d, subjects).0);
@@ -587,7 +569,7 @@ async fn spend_letting_alerts(
         model: None,
         caller: who,
     };
-    let decided = decide_letting_alerts(
+    let decided = decide_by_actions(
         st,
         subjects,
         endpoint,
@@ -604,19 +586,21 @@ async fn spend_letting_alerts(
     .await?;
     match decided {
         Ok((enforced, forced, statuses)) => {
-            let levels = st
-                .engine
-                .force(&Request::new(forced.iter().cloned(), amounts))
-                .await?;
-            st.alerts
-                .observe(&st.policies, &forced, &levels, st.now().as_nanos());
+            if !forced.is_empty() {
+                let levels = st
+                    .engine
+                    .force(&Request::new(forced.iter().cloned(), amounts))
+                    .await?;
+                st.alerts
+                    .observe(&st.policies, &forced, &levels, st.now().as_nanos());
+            }
             Ok((Some(enforced), forced, statuses))
         }
         Err((d, enforced, r)) => Err(approval_error(denial_error(&d, &enforced).0, r.as_ref())),
     }
 }
 
-/// What [`reserve_letting_alerts`] answers: (enforced subjects if not all,
+/// What [`reserve_by_actions`] answers: (enforced subjects if not all,
 /// subjects let through, (reservation, public id)), or the refusal with the
 /// subjects its index refers to and the approval it waited on, if any.
 pub(crate) type Reserved = Result<
@@ -627,6 +611,28 @@ pub(crate) type Reserved = Result<
     ),
     (Denial, Vec<Subject>, Option<ApprovalRef>),
 >;
+
+/// Whether a refusal is decided further by [`decide_by_actions`] (an
+/// `alert` subject let through, a `require_approval` one held) rather than
+/// answered at once.
+fn decided_further(st: &AppState, subjects: &[Subject], d: &Denial) -> bool {
+    subjects.get(d.subject).is_some_and(|s| {
+        matches!(
+            action_of(st, s, d),
+            crate::wire::Action::Alert | crate::wire::Action::RequireApproval
+        )
+    })
+}
+
+/// The breach action of a plain refusal: a provider quota sends the proxy
+/// to the next model, if any; anything else blocks.
+fn block_action(refused_by: Option<&Subject>) -> &'static str {
+    if refused_by.is_some_and(|s| s.as_str().starts_with("provider:")) {
+        "next_model"
+    } else {
+        "block"
+    }
+}
 
 /// When the refusing subject's policy says `require_approval`: record the
 /// breach and park the request (`None` for any other action).
@@ -680,11 +686,12 @@ pub(crate) fn approval_note(r: &ApprovalRef) -> String {
 }
 
 /// Reserve `request` (on `subjects`) as one engine call; only when the
-/// refusing subject's policy says `alert` is the reservation made on the
-/// others, the alerting subjects recorded in its metadata to be charged by
-/// force when it settles. Breaches are recorded either way.
+/// refusing subject's policy says `alert` or `require_approval` is it
+/// decided further by [`decide_by_actions`]: the reservation made on the
+/// others, the subjects let through recorded in its metadata to be charged
+/// by force when it settles. Breaches are recorded either way.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn reserve_letting_alerts(
+pub(crate) async fn reserve_by_actions(
     st: &AppState,
     subjects: &[Subject],
     request: &Request,
@@ -694,37 +701,12 @@ pub(crate) async fn reserve_letting_alerts(
     model: Option<&str>,
 ) -> Result<Reserved, Unavailable> {
     let who = meta.caller.clone();
-    let mut approved = false;
-    let d = loop {
-        let d = match st.engine.reserve(request, lease, meta.clone()).await? {
-            Ok(r) => return Ok(Ok((None, Vec::new(), r))),
-            Err(d) => d,
-        };
-        let asked = crate::approvals::Asked {
-            amounts: request.amounts,
-            model,
-            caller: &who,
-        };
-        match approval_gate(st, subjects, &d, asked, endpoint).await {
-            None => break d,
-            Some(Parked::Approved) if !approved => approved = true,
-            Some(Parked::Approved) => return Ok(Err((d, subjects.to_vec(), None))),
-            Some(Parked::Refused(r)) => return Ok(Err((d, subjects.to_vec(), r))),
-        }
+    let d = match st.engine.reserve(request, lease, meta.clone()).await? {
+        Ok(r) => return Ok(Ok((None, Vec::new(), r))),
+        Err(d) => d,
     };
-    if subjects
-        .get(d.subject)
-        .is_none_or(|s| action_of(st, s, &d) != crate::wire::Action::Alert)
-    {
-        // A provider quota sends the proxy to the next model, if any.
-        let action = if subjects
-            .get(d.subject)
-            .is_some_and(|s| s.as_str().starts_with("provider:"))
-        {
-            "next_model"
-        } else {
-            "block"
-        };
+    if !decided_further(st, subjects, &d) {
+        let action = block_action(subjects.get(d.subject));
         st.breaches
             .record(&d, subjects, endpoint, action, &who, st.now().as_nanos());
         return Ok(Err((d, subjects.to_vec(), None)));
@@ -735,7 +717,7 @@ pub(crate) async fn reserve_letting_alerts(
         model,
         caller: &who,
     };
-    let decided = decide_letting_alerts(st, subjects, endpoint, asked, move |enforced, forced| {
+    let decided = decide_by_actions(st, subjects, endpoint, asked, move |enforced, forced| {
         let meta = Meta {
             forced,
             ..meta.clone()
@@ -958,7 +940,7 @@ async fn check(State(st): St, request: axum::extract::Request) -> Response {
             let request = Request::new(subjects.iter().cloned(), amounts);
             let now = st2.now();
             let (enforced, forced, statuses) =
-                spend_letting_alerts(&st2, &subjects, amounts, "check", &who, &request).await?;
+                spend_by_actions(&st2, &subjects, amounts, "check", &who, &request).await?;
             let enforced = enforced.as_deref().unwrap_or(&subjects);
             st2.alerts
                 .observe(&st2.policies, enforced, &statuses, now.as_nanos());
@@ -1029,7 +1011,7 @@ async fn reserve(State(st): St, request: axum::extract::Request) -> Response {
                 reserved_ns: now.as_nanos(),
                 forced: Vec::new(),
             };
-            match reserve_letting_alerts(&st2, &subjects, &request, lease, meta, "reserve", None)
+            match reserve_by_actions(&st2, &subjects, &request, lease, meta, "reserve", None)
                 .await?
             {
                 Ok((enforced, forced, (r, public))) => {
@@ -1906,7 +1888,7 @@ async fn intent(State(st): St, request: axum::extract::Request) -> Response {
             let request = Request::new(subjects.iter().cloned(), amounts);
             let now = st2.now();
             let (enforced, _forced, statuses) =
-                spend_letting_alerts(&st2, &subjects, amounts, "intents", &who, &request).await?;
+                spend_by_actions(&st2, &subjects, amounts, "intents", &who, &request).await?;
             let enforced = enforced.as_deref().unwrap_or(&subjects);
             st2.alerts
                 .observe(&st2.policies, enforced, &statuses, now.as_nanos());

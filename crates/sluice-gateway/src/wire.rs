@@ -313,6 +313,8 @@ impl PolicyBody {
 
     fn build(&self, extra: &Amounts) -> Result<(Policy, Action), ApiError> {
         let mut limits = Vec::with_capacity(self.limits.len());
+        // Each limit's own action, if set.
+        let mut own_actions = Vec::with_capacity(self.limits.len());
         for (i, l) in self.limits.iter().enumerate() {
             let metric: Option<Metric> = l.metric.parse().ok();
             if metric.is_none() {
@@ -330,15 +332,18 @@ impl PolicyBody {
                 .as_ref()
                 .map(|b| amount_of(metric, b, &format!("limits[{i}].burst")))
                 .transpose()?;
-            if let Some(a) = &l.action_on_breach {
-                let field = format!("limits[{i}].action_on_breach");
-                if Action::parse(a, &field)? == Action::Degrade {
-                    return Err(ApiError::invalid(
-                        field,
-                        "degrade acts on the whole policy (its degrade rules): expected block, alert or require_approval",
-                    ));
-                }
+            let own = l
+                .action_on_breach
+                .as_deref()
+                .map(|a| Action::parse(a, &format!("limits[{i}].action_on_breach")))
+                .transpose()?;
+            if own == Some(Action::Degrade) {
+                return Err(ApiError::invalid(
+                    format!("limits[{i}].action_on_breach"),
+                    "degrade acts on the whole policy (its degrade rules): expected block, alert or require_approval",
+                ));
             }
+            own_actions.push(own);
             let more = metric.map_or(0, |m| extra.get(m));
             limits.push(LimitDef {
                 metric: l.metric.clone(),
@@ -401,15 +406,9 @@ impl PolicyBody {
         };
         // `alert` lets the whole subject past its limits in that request, so
         // it cannot sit beside limits that must hold: all or none.
-        let actions: Vec<Action> = self
-            .limits
+        let actions: Vec<Action> = own_actions
             .iter()
-            .map(|l| {
-                l.action_on_breach
-                    .as_deref()
-                    .and_then(|a| Action::parse(a, "action_on_breach").ok())
-                    .unwrap_or(action)
-            })
+            .map(|own| own.unwrap_or(action))
             .collect();
         if actions.contains(&Action::Alert) {
             if let Some(i) = actions.iter().position(|a| *a != Action::Alert) {

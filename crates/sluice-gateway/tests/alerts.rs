@@ -15,7 +15,6 @@ use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use hmac::{Hmac, Mac};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sluice_core::{ManualClock, Timestamp};
 use support::*;
 
 const SECRET: &str = "alert-secret-0123456789";
@@ -90,12 +89,7 @@ async fn thresholds_fire_once_per_window_to_every_webhook() {
         "[[alerts.webhooks]]\nurl = \"{json_url}\"\nsecret = \"{SECRET}\"\n\
          [[alerts.webhooks]]\nurl = \"{slack_url}\"\nformat = \"slack\"\n"
     );
-    let s = Server::start_with(
-        &dir,
-        &toml,
-        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
-    )
-    .await;
+    let s = Server::start_config(&dir, &toml).await;
     let r = s
         .admin(
             Method::PUT,
@@ -195,12 +189,7 @@ async fn a_slow_webhook_never_holds_a_decision() {
     let (url, slow) = hook(false).await;
     let dir = TempDir::new("alerts-slow");
     let toml = format!("[[alerts.webhooks]]\nurl = \"{url}\"\n");
-    let s = Server::start_with(
-        &dir,
-        &toml,
-        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
-    )
-    .await;
+    let s = Server::start_config(&dir, &toml).await;
     let thresholds: Vec<f64> = (1..=10).map(|i| f64::from(i) / 10.0).collect();
     s.admin(
         Method::PUT,
@@ -301,12 +290,7 @@ async fn the_alert_action_lets_requests_through_counts_them_and_alerts_once() {
     let (url, h) = hook(true).await;
     let dir = TempDir::new("alert-action");
     let toml = format!("[[alerts.webhooks]]\nurl = \"{url}\"\n");
-    let s = Server::start_with(
-        &dir,
-        &toml,
-        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
-    )
-    .await;
+    let s = Server::start_config(&dir, &toml).await;
     s.admin(
         Method::PUT,
         "/v1/policies/user:loud",
@@ -438,12 +422,7 @@ async fn a_held_request_announces_its_approval() {
     let toml = format!(
         "[[alerts.webhooks]]\nurl = \"{url}\"\nformat = \"slack\"\n[[alerts.webhooks]]\nurl = \"{url}\"\n"
     );
-    let s = Server::start_with(
-        &dir,
-        &toml,
-        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
-    )
-    .await;
+    let s = Server::start_config(&dir, &toml).await;
     let r = s
         .admin(
             Method::PUT,

@@ -6,23 +6,16 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sluice_core::{ManualClock, Timestamp};
 use support::*;
 
 const AGENT: &str = "agent://acme/prod/careful";
 
 async fn start(dir: &TempDir) -> Server {
-    Server::start_with(
-        dir,
-        "lease_check_ms = 20\n",
-        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
-    )
-    .await
+    Server::start_config(dir, "lease_check_ms = 20\n").await
 }
 
 fn policy(limit: u64, wait: &str) -> Value {

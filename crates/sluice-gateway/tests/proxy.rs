@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sluice_core::{ManualClock, Timestamp};
 use sluice_test_support::upstream::{FakeUpstream, Script, Usage};
 use support::*;
 
@@ -31,12 +30,7 @@ async fn setup_edited(
     let up = FakeUpstream::start().await;
     let dir = TempDir::new("proxy");
     let toml = edit(config_for(&up, extra));
-    let s = Server::start_with(
-        &dir,
-        &toml,
-        Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
-    )
-    .await;
+    let s = Server::start_config(&dir, &toml).await;
     setup_agent(s, up, dir, budget_usd).await
 }
 

@@ -149,6 +149,33 @@ async fn send(
     (status, v)
 }
 
+/// Ask `f` every 25 ms, at most `tries` times, until it answers `Some`.
+async fn poll<T, F, Fut>(tries: usize, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..tries {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// Whether the replica at `url` has a policy for `subject`.
+async fn has_policy(http: &reqwest::Client, url: &str, subject: &str) -> bool {
+    send(
+        http,
+        reqwest::Method::GET,
+        &format!("{url}/v1/policies/{subject}"),
+        None,
+    )
+    .await
+    .0 == 200
+}
+
 /// One value from a replica's `/metrics`.
 async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
     let text = http
@@ -439,15 +466,11 @@ fn policy_change_reaches_other_replicas() {
         )]
         let clock = std::time::Instant::now();
         // Bounded wait: B refuses once it knows the policy (3 used > 1).
-        let mut refused = false;
-        for _ in 0..200 {
-            if check(b.url.clone()).await == 429 {
-                refused = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(refused, "replica B never enforced the policy set through A");
+        let refused = poll(200, || async { (check(b.url.clone()).await == 429).then_some(()) }).await;
+        assert!(
+            refused.is_some(),
+            "replica B never enforced the policy set through A"
+        );
         eprintln!(
             "policy in force on the other replica after {:?}",
             clock.elapsed()
@@ -462,8 +485,7 @@ fn policy_change_reaches_other_replicas() {
         .await;
         assert_eq!(status, 201, "{key}");
         let secret = key["key"].as_str().unwrap().to_owned();
-        let mut ok = false;
-        for _ in 0..200 {
+        let ok = poll(200, || async {
             let s = http
                 .post(format!("{}/v1/check", b.url))
                 .bearer_auth(&secret)
@@ -473,13 +495,10 @@ fn policy_change_reaches_other_replicas() {
                 .unwrap()
                 .status()
                 .as_u16();
-            if s == 200 {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(ok, "a key made on A never authenticated on B");
+            (s == 200).then_some(())
+        })
+        .await;
+        assert!(ok.is_some(), "a key made on A never authenticated on B");
         // The kill switch flipped on A stops the agent on B.
         let (status, body) = send(
             &http,
@@ -489,8 +508,7 @@ fn policy_change_reaches_other_replicas() {
         )
         .await;
         assert_eq!(status, 200, "{body}");
-        let mut stopped = false;
-        for _ in 0..200 {
+        let stopped = poll(200, || async {
             let (status, _) = send(
                 &http,
                 reqwest::Method::POST,
@@ -498,13 +516,13 @@ fn policy_change_reaches_other_replicas() {
                 Some(json!({"subjects": ["agent://acme/prod/x"]})),
             )
             .await;
-            if status == 403 {
-                stopped = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(stopped, "an agent killed through A still passed on B");
+            (status == 403).then_some(())
+        })
+        .await;
+        assert!(
+            stopped.is_some(),
+            "an agent killed through A still passed on B"
+        );
         // One audit trail: B reads what was done through A, in order.
         let (status, trail) = send(
             &http,
@@ -553,19 +571,10 @@ fn policy_change_reaches_other_replicas() {
         assert_eq!(status, 200, "{held}");
         let id = held["reservation_id"].as_str().unwrap();
         // B charges by its own copy of the policy: wait (bounded) until it has it.
-        for _ in 0..200 {
-            let (status, _) = send(
-                &http,
-                reqwest::Method::GET,
-                &format!("{}/v1/policies/user:loud", b.url),
-                None,
-            )
-            .await;
-            if status == 200 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        poll(200, || async {
+            has_policy(&http, &b.url, "user:loud").await.then_some(())
+        })
+        .await;
         let (status, body) = send(
             &http,
             reqwest::Method::POST,
@@ -606,26 +615,15 @@ fn policy_change_reaches_other_replicas() {
                 .await
             }
         };
-        // B knows the policy once it refuses (or holds) a second request.
-        let mut first_ok = false;
-        for _ in 0..200 {
-            let (status, _) = send(
-                &http,
-                reqwest::Method::GET,
-                &format!("{}/v1/policies/user:careful", b.url),
-                None,
-            )
-            .await;
-            if status == 200 {
-                first_ok = careful(b.url.clone()).await.0 == 200;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        // Once B has the policy, it takes the first request.
+        let known = poll(200, || async {
+            has_policy(&http, &b.url, "user:careful").await.then_some(())
+        })
+        .await;
+        let first_ok = known.is_some() && careful(b.url.clone()).await.0 == 200;
         assert!(first_ok, "B never took the first request under its policy");
         let held = tokio::spawn(careful(b.url.clone()));
-        let mut id = String::new();
-        for _ in 0..400 {
+        let id = poll(400, || async {
             let (_, list) = send(
                 &http,
                 reqwest::Method::GET,
@@ -633,12 +631,10 @@ fn policy_change_reaches_other_replicas() {
                 None,
             )
             .await;
-            if let Some(found) = list["approvals"][0]["id"].as_str() {
-                id = found.to_owned();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+            list["approvals"][0]["id"].as_str().map(str::to_owned)
+        })
+        .await
+        .unwrap_or_default();
         assert!(!id.is_empty(), "A never saw the approval opened on B");
         let (status, body) = send(
             &http,

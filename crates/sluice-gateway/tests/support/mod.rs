@@ -53,9 +53,14 @@ pub fn config(dir: &TempDir, toml: &str) -> Config {
 
 impl Server {
     pub async fn start(dir: &TempDir) -> Server {
+        Server::start_config(dir, "").await
+    }
+
+    /// With this config, on a fresh clock at `T0`.
+    pub async fn start_config(dir: &TempDir, toml: &str) -> Server {
         Server::start_with(
             dir,
-            "",
+            toml,
             Arc::new(ManualClock::new(Timestamp::from_nanos(T0))),
         )
         .await
