@@ -37,22 +37,31 @@ pub struct Level {
     pub reset_at: u64,
 }
 
-/// The counter state of one limit of one subject.
+/// The counter state of one limit of one subject, tagged with the store's
+/// key for that limit (a `u32` that fits beside the enum's tag, so a slot is
+/// 32 bytes in all).
 #[derive(Clone, Debug)]
 pub(crate) enum LimitState {
-    Sliding(SlidingState),
-    Gcra(GcraState),
-    Fixed(FixedState),
+    Sliding(u32, SlidingState),
+    Gcra(u32, GcraState),
+    Fixed(u32, FixedState),
 }
 
 impl LimitState {
-    pub(crate) fn new(limit: &Limit) -> LimitState {
+    pub(crate) fn new(limit: &Limit, key: u32) -> LimitState {
         match limit.params {
-            Params::Sliding { .. } => LimitState::Sliding(SlidingState::default()),
-            Params::Gcra { .. } => LimitState::Gcra(GcraState::default()),
+            Params::Sliding { .. } => LimitState::Sliding(key, SlidingState::default()),
+            Params::Gcra { .. } => LimitState::Gcra(key, GcraState::default()),
             Params::FixedRolling { .. } | Params::FixedCalendar { .. } => {
-                LimitState::Fixed(FixedState::default())
+                LimitState::Fixed(key, FixedState::default())
             }
+        }
+    }
+
+    /// The store's key this state belongs to.
+    pub(crate) fn key(&self) -> u32 {
+        match self {
+            LimitState::Sliding(k, _) | LimitState::Gcra(k, _) | LimitState::Fixed(k, _) => *k,
         }
     }
 
@@ -61,15 +70,15 @@ impl LimitState {
     fn conform(&mut self, limit: &Limit) {
         let fits = matches!(
             (&*self, &limit.params),
-            (LimitState::Sliding(_), Params::Sliding { .. })
-                | (LimitState::Gcra(_), Params::Gcra { .. })
+            (LimitState::Sliding(..), Params::Sliding { .. })
+                | (LimitState::Gcra(..), Params::Gcra { .. })
                 | (
-                    LimitState::Fixed(_),
+                    LimitState::Fixed(..),
                     Params::FixedRolling { .. } | Params::FixedCalendar { .. }
                 )
         );
         if !fits {
-            *self = LimitState::new(limit);
+            *self = LimitState::new(limit, self.key());
         }
     }
 
@@ -78,15 +87,15 @@ impl LimitState {
             return Admit::Never;
         }
         match (self, &limit.params) {
-            (LimitState::Sliding(s), Params::Sliding { window, .. }) => {
+            (LimitState::Sliding(_, s), Params::Sliding { window, .. }) => {
                 s.admit(*window, limit.limit(), now, amount)
             }
-            (LimitState::Gcra(s), Params::Gcra { window, burst }) => {
+            (LimitState::Gcra(_, s), Params::Gcra { window, burst }) => {
                 s.admit(*window, limit.limit(), *burst, now, amount)
             }
-            (LimitState::Fixed(s), _) => s.admit(limit.limit(), now, amount),
+            (LimitState::Fixed(_, s), _) => s.admit(limit.limit(), now, amount),
             // A mismatched shape is treated as fresh state.
-            _ => LimitState::new(limit).admit(limit, now, amount),
+            _ => LimitState::new(limit, 0).admit(limit, now, amount),
         }
     }
 
@@ -95,16 +104,16 @@ impl LimitState {
         self.conform(limit);
         match (self, &limit.params) {
             (
-                LimitState::Sliding(s),
+                LimitState::Sliding(_, s),
                 Params::Sliding {
                     window,
                     granularity,
                 },
             ) => s.charge(*window, *granularity, now, amount),
-            (LimitState::Gcra(s), Params::Gcra { window, .. }) => {
+            (LimitState::Gcra(_, s), Params::Gcra { window, .. }) => {
                 s.charge(*window, limit.limit(), now, amount)
             }
-            (LimitState::Fixed(s), params) => s.charge(params, now, amount),
+            (LimitState::Fixed(_, s), params) => s.charge(params, now, amount),
             _ => 0,
         }
     }
@@ -113,33 +122,36 @@ impl LimitState {
     /// left the window is not given back (it no longer counts anyway).
     pub(crate) fn refund(&mut self, limit: &Limit, mark: u64, amount: u64) {
         match (self, &limit.params) {
-            (LimitState::Sliding(s), Params::Sliding { granularity, .. }) => {
+            (LimitState::Sliding(_, s), Params::Sliding { granularity, .. }) => {
                 s.refund(*granularity, mark, amount)
             }
-            (LimitState::Gcra(s), Params::Gcra { window, .. }) => s.refund(*window, amount),
-            (LimitState::Fixed(s), _) => s.refund(mark, amount),
+            (LimitState::Gcra(_, s), Params::Gcra { window, .. }) => s.refund(*window, amount),
+            (LimitState::Fixed(_, s), _) => s.refund(mark, amount),
             _ => {}
         }
     }
 
     pub(crate) fn level(&self, limit: &Limit, now: u64) -> Level {
         match (self, &limit.params) {
-            (LimitState::Sliding(s), Params::Sliding { window, .. }) => {
+            (LimitState::Sliding(_, s), Params::Sliding { window, .. }) => {
                 s.level(*window, limit.limit(), now)
             }
-            (LimitState::Gcra(s), Params::Gcra { window, burst }) => s.level(*window, *burst, now),
-            (LimitState::Fixed(s), params) => s.level(params, limit.limit(), now),
-            _ => LimitState::new(limit).level(limit, now),
+            (LimitState::Gcra(_, s), Params::Gcra { window, burst }) => {
+                s.level(*window, *burst, now)
+            }
+            (LimitState::Fixed(_, s), params) => s.level(params, limit.limit(), now),
+            _ => LimitState::new(limit, 0).level(limit, now),
         }
     }
 
-    /// The instant from which this state is the same as fresh state, so it may be dropped.
-    pub(crate) fn idle_at(&self, limit: &Limit, now: u64) -> u64 {
-        match (self, &limit.params) {
-            (LimitState::Sliding(s), Params::Sliding { window, .. }) => s.idle_at(*window),
-            (LimitState::Gcra(s), _) => s.idle_at(now),
-            (LimitState::Fixed(s), _) => s.idle_at(),
-            _ => 0,
+    /// Whether this state is the same as fresh state at `now`, so it may be
+    /// dropped. `window` is the rolling window of a `sliding` limit (the only
+    /// state that does not know its own end).
+    pub(crate) fn is_idle(&self, window: u64, now: u64) -> bool {
+        match self {
+            LimitState::Sliding(_, s) => s.idle_at(window) <= now,
+            LimitState::Gcra(_, s) => s.idle_at(now) <= now,
+            LimitState::Fixed(_, s) => s.idle_at() <= now,
         }
     }
 }

@@ -5,10 +5,18 @@
 //! ascending order (so two requests never deadlock), decides every limit, and
 //! only then charges: all-or-nothing, linearizable.
 //!
-//! Memory stays bounded: when a shard's table has doubled since its last
-//! sweep, entries whose state is the same as fresh (every window has passed)
-//! are dropped before the insert, so a shard holds at most about twice its
-//! live subjects, amortized O(1) per insert. [`Store::sweep`] drops them all.
+//! Memory stays bounded: when a shard has doubled since its last sweep,
+//! entries whose state is the same as fresh (every window has passed) are
+//! dropped before the next request's inserts, so a shard holds at most about
+//! twice its live subjects, amortized O(1) per insert. [`Store::sweep`] drops
+//! them all.
+//!
+//! State is keyed by the subject's 64-bit hash (random per-process seed,
+//! foldhash `quality`), not by its text: the store keeps no subject string
+//! alive, and a lookup never compares strings. Two live subjects whose hashes
+//! collide (about n²/2⁶⁵ for n live subjects: 3·10⁻⁸ at a million) would
+//! share their counters for limits of the same shape, so each would be
+//! limited by the pair's combined usage: more strictly, never past its limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,9 +30,9 @@ use crate::decision::{
     ExpiredReservation, HeldAmount, Overshoot, ReservationError, ReservationId, Settlement,
 };
 use crate::metric::Amounts;
-use crate::policy::Limit;
+use crate::policy::{Limit, Params};
 use crate::store::{Acquired, Hold, LimitKey, PlanSubject, Refusal, Store};
-use crate::subject::{Subject, hash_str};
+use crate::subject::Subject;
 use crate::time::Timestamp;
 
 /// Number of state shards (a power of two).
@@ -39,97 +47,137 @@ const MIN_SWEEP_LEN: usize = 1_024;
 struct Padded<T>(T);
 
 #[derive(Debug)]
-struct Slot {
-    key: LimitKey,
-    state: LimitState,
-}
-
-#[derive(Debug)]
 struct Entry {
-    subject: Arc<str>,
-    /// From this instant every slot is the same as fresh.
-    idle_at: u64,
-    slots: SmallVec<[Slot; 1]>,
+    /// The subject's seeded 64-bit hash: entries are keyed by it alone
+    /// (see the module docs), so the store keeps no subject string alive.
+    hash: u64,
+    /// One state per limit, each tagged with its key.
+    slots: SmallVec<[LimitState; 1]>,
 }
 
 impl Entry {
+    fn new(hash: u64) -> Entry {
+        Entry {
+            hash,
+            slots: SmallVec::new(),
+        }
+    }
+
     fn slot(&self, key: LimitKey) -> Option<&LimitState> {
-        self.slots.iter().find(|s| s.key == key).map(|s| &s.state)
+        self.slots.iter().find(|s| s.key() == key.0)
     }
 
     fn slot_mut(&mut self, key: LimitKey, limit: &Limit) -> &mut LimitState {
-        let pos = match self.slots.iter().position(|s| s.key == key) {
+        let pos = match self.slots.iter().position(|s| s.key() == key.0) {
             Some(pos) => pos,
             None => {
-                self.slots.push(Slot {
-                    key,
-                    state: LimitState::new(limit),
-                });
+                self.slots.push(LimitState::new(limit, key.0));
                 self.slots.len() - 1
             }
         };
-        &mut self.slots[pos].state
+        &mut self.slots[pos]
     }
 
     fn charge(&mut self, key: LimitKey, limit: &Limit, now: u64, amount: u64) -> (u64, Level) {
         let state = self.slot_mut(key, limit);
         let mark = state.charge(limit, now, amount);
-        let idle = state.idle_at(limit, now);
-        let level = state.level(limit, now);
-        self.idle_at = self.idle_at.max(idle);
-        (mark, level)
+        (mark, state.level(limit, now))
+    }
+
+    /// Whether every slot is the same as fresh at `now`.
+    fn is_idle(&self, windows: &[u64], now: u64) -> bool {
+        self.slots.iter().all(|s| {
+            let window = windows.get(s.key() as usize).copied().unwrap_or(u64::MAX);
+            s.is_idle(window, now)
+        })
     }
 }
 
+/// One shard: entries kept densely in a vector, found through a table of
+/// indices (the layout of `indexmap`): 4 bytes of table per subject instead
+/// of a whole entry, and an index stays valid while entries are added.
 #[derive(Debug)]
 struct Shard {
-    table: HashTable<Entry>,
+    /// Subject hash → index into `entries`.
+    index: HashTable<u32>,
+    entries: Vec<Entry>,
+    /// The window of each `sliding` limit key charged here (`u64::MAX`:
+    /// none), which its state needs to tell when it is idle.
+    windows: Vec<u64>,
     sweep_at: usize,
 }
 
 impl Default for Shard {
     fn default() -> Self {
         Shard {
-            table: HashTable::new(),
+            index: HashTable::new(),
+            entries: Vec::new(),
+            windows: Vec::new(),
             sweep_at: MIN_SWEEP_LEN,
         }
     }
 }
 
 impl Shard {
-    fn find(&self, subject: &Subject) -> Option<&Entry> {
-        self.table
-            .find(subject.hash_value(), |e| *e.subject == *subject.as_str())
+    fn find(&self, hash: u64) -> Option<usize> {
+        let entries = &self.entries;
+        self.index
+            .find(hash, |&i| entries[i as usize].hash == hash)
+            .map(|&i| i as usize)
     }
 
-    fn find_mut(&mut self, subject: &Subject) -> Option<&mut Entry> {
-        self.table
-            .find_mut(subject.hash_value(), |e| *e.subject == *subject.as_str())
+    fn entry_mut(&mut self, hash: u64) -> Option<&mut Entry> {
+        let i = self.find(hash)?;
+        self.entries.get_mut(i)
+    }
+
+    /// The entry's index, adding a fresh entry if there is none.
+    fn find_or_insert(&mut self, hash: u64) -> usize {
+        if let Some(i) = self.find(hash) {
+            return i;
+        }
+        let i = self.entries.len();
+        self.entries.push(Entry::new(hash));
+        let entries = &self.entries;
+        self.index
+            .insert_unique(hash, i as u32, |&j| entries[j as usize].hash);
+        i
+    }
+
+    /// Drop idle entries once the shard has doubled since the last sweep:
+    /// amortized O(1) per added subject. Indices found before are invalid after.
+    fn sweep_if_grown(&mut self, now: u64) {
+        if self.entries.len() >= self.sweep_at {
+            self.sweep(now);
+        }
+    }
+
+    /// Remember a `sliding` limit's window for telling idle state (a key's
+    /// window never changes: it is part of what the key identifies).
+    fn note_window(&mut self, key: LimitKey, limit: &Limit) {
+        if let Params::Sliding { window, .. } = limit.params {
+            let k = key.0 as usize;
+            if self.windows.get(k) != Some(&window) {
+                if self.windows.len() <= k {
+                    self.windows.resize(k + 1, u64::MAX);
+                }
+                self.windows[k] = window;
+            }
+        }
     }
 
     fn sweep(&mut self, now: u64) -> usize {
-        let before = self.table.len();
-        self.table.retain(|e| e.idle_at > now);
-        self.sweep_at = (self.table.len() * 2).max(MIN_SWEEP_LEN);
-        before - self.table.len()
-    }
-
-    fn entry_mut(&mut self, subject: &Subject, now: u64) -> &mut Entry {
-        let hash = subject.hash_value();
-        if self.table.len() >= self.sweep_at && self.find(subject).is_none() {
-            self.sweep(now);
+        let before = self.entries.len();
+        let windows = &self.windows;
+        self.entries.retain(|e| !e.is_idle(windows, now));
+        self.index.clear();
+        let entries = &self.entries;
+        for (i, e) in entries.iter().enumerate() {
+            self.index
+                .insert_unique(e.hash, i as u32, |&j| entries[j as usize].hash);
         }
-        let eq = |e: &Entry| *e.subject == *subject.as_str();
-        match self.table.entry(hash, eq, |e| hash_str(&e.subject)) {
-            hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
-            hashbrown::hash_table::Entry::Vacant(v) => v
-                .insert(Entry {
-                    subject: Arc::clone(subject.as_arc()),
-                    idle_at: 0,
-                    slots: SmallVec::new(),
-                })
-                .into_mut(),
-        }
+        self.sweep_at = (self.entries.len() * 2).max(MIN_SWEEP_LEN);
+        before - self.entries.len()
     }
 }
 
@@ -191,6 +239,13 @@ struct Locked<'a> {
     guards: SmallVec<[MutexGuard<'a, Shard>; 4]>,
 }
 
+/// Where a plan subject's state is: its locked shard and, if it has state, its entry.
+#[derive(Clone, Copy)]
+struct Spot {
+    guard: usize,
+    entry: Option<usize>,
+}
+
 impl<'a> Locked<'a> {
     fn new(store: &'a MemoryStore, subjects: impl Iterator<Item = usize>) -> Locked<'a> {
         let mut order: SmallVec<[usize; 4]> = SmallVec::new();
@@ -207,14 +262,36 @@ impl<'a> Locked<'a> {
         Locked { order, guards }
     }
 
-    fn shard(&mut self, subject: &Subject) -> &mut Shard {
-        let pos = if self.guards.len() == 1 {
+    /// The position of the subject's shard among the locked ones.
+    fn pos(&self, subject: &Subject) -> usize {
+        if self.guards.len() == 1 {
             0
         } else {
             let target = shard_index(subject);
             self.order.iter().position(|&i| i == target).unwrap_or(0)
-        };
+        }
+    }
+
+    fn shard(&mut self, subject: &Subject) -> &mut Shard {
+        let pos = self.pos(subject);
         &mut self.guards[pos]
+    }
+
+    /// Each plan subject's spot: one table probe per subject for the whole request.
+    fn spots(&self, plan: &[PlanSubject<'_>]) -> SmallVec<[Spot; 4]> {
+        plan.iter()
+            .map(|p| {
+                let guard = self.pos(p.subject);
+                Spot {
+                    guard,
+                    entry: self.guards[guard].find(p.subject.hash_value()),
+                }
+            })
+            .collect()
+    }
+
+    fn entry(&self, spot: Spot) -> Option<&Entry> {
+        spot.entry.map(|i| &self.guards[spot.guard].entries[i])
     }
 }
 
@@ -230,18 +307,19 @@ impl MemoryStore {
 
     /// Subjects with state held right now (for memory accounting and tests).
     pub fn subjects(&self) -> usize {
-        self.shards.iter().map(|s| lock(&s.0).table.len()).sum()
+        self.shards.iter().map(|s| lock(&s.0).entries.len()).sum()
     }
 
     fn decide(
-        locked: &mut Locked<'_>,
+        locked: &Locked<'_>,
+        spots: &[Spot],
         now: u64,
         plan: &[PlanSubject<'_>],
         amounts: &Amounts,
     ) -> Option<Refusal> {
         let mut refusal = None;
-        for (pi, p) in plan.iter().enumerate() {
-            let entry = locked.shard(p.subject).find(p.subject);
+        for (pi, (p, spot)) in plan.iter().zip(spots).enumerate() {
+            let entry = locked.entry(*spot);
             for (li, pl) in p.limits.iter().enumerate() {
                 let amount = amounts.get(pl.limit.metric());
                 if amount == 0 {
@@ -267,12 +345,16 @@ impl MemoryStore {
         refusal
     }
 
-    fn levels_of(shard: &Shard, p: &PlanSubject<'_>, now: u64, out: &mut SmallVec<[Level; 4]>) {
-        let entry = shard.find(p.subject);
+    fn levels_of(
+        entry: Option<&Entry>,
+        p: &PlanSubject<'_>,
+        now: u64,
+        out: &mut SmallVec<[Level; 4]>,
+    ) {
         for pl in p.limits {
             let level = match entry.and_then(|e| e.slot(pl.key)) {
                 Some(state) => state.level(&pl.limit, now),
-                None => LimitState::new(&pl.limit).level(&pl.limit, now),
+                None => LimitState::new(&pl.limit, pl.key.0).level(&pl.limit, now),
             };
             out.push(level);
         }
@@ -292,39 +374,51 @@ impl Store for MemoryStore {
         hold: Hold,
     ) -> Result<Acquired, Refusal> {
         let mut locked = Locked::new(self, plan.iter().map(|p| shard_index(p.subject)));
+        for shard in &mut locked.guards {
+            shard.sweep_if_grown(now);
+        }
+        let spots = locked.spots(plan);
         if hold != Hold::Force {
-            if let Some(refusal) = Self::decide(&mut locked, now, plan, amounts) {
+            if let Some(refusal) = Self::decide(&locked, &spots, now, plan, amounts) {
                 return Err(refusal);
             }
         }
         let mut levels = SmallVec::new();
         let mut held = Vec::new();
-        for p in plan {
-            let shard = locked.shard(p.subject);
+        for (p, spot) in plan.iter().zip(&spots) {
             if p.limits
                 .iter()
                 .all(|pl| amounts.get(pl.limit.metric()) == 0)
             {
-                Self::levels_of(shard, p, now, &mut levels);
-            } else {
-                let entry = shard.entry_mut(p.subject, now);
-                for pl in p.limits {
-                    let amount = amounts.get(pl.limit.metric());
-                    let (mark, level) = if amount == 0 {
-                        (0, entry.slot_mut(pl.key, &pl.limit).level(&pl.limit, now))
-                    } else {
-                        entry.charge(pl.key, &pl.limit, now, amount)
-                    };
-                    levels.push(level);
-                    if let Hold::Lease { .. } = hold {
-                        held.push(HeldItem {
-                            subject: p.subject.clone(),
-                            key: pl.key,
-                            limit: Arc::clone(&pl.limit),
-                            amount,
-                            mark,
-                        });
-                    }
+                Self::levels_of(locked.entry(*spot), p, now, &mut levels);
+                continue;
+            }
+            let shard = &mut locked.guards[spot.guard];
+            for pl in p.limits {
+                shard.note_window(pl.key, &pl.limit);
+            }
+            // A subject without state is added here; adding never moves others.
+            let i = match spot.entry {
+                Some(i) => i,
+                None => shard.find_or_insert(p.subject.hash_value()),
+            };
+            let entry = &mut shard.entries[i];
+            for pl in p.limits {
+                let amount = amounts.get(pl.limit.metric());
+                let (mark, level) = if amount == 0 {
+                    (0, entry.slot_mut(pl.key, &pl.limit).level(&pl.limit, now))
+                } else {
+                    entry.charge(pl.key, &pl.limit, now, amount)
+                };
+                levels.push(level);
+                if let Hold::Lease { .. } = hold {
+                    held.push(HeldItem {
+                        subject: p.subject.clone(),
+                        key: pl.key,
+                        limit: Arc::clone(&pl.limit),
+                        amount,
+                        mark,
+                    });
                 }
             }
         }
@@ -355,13 +449,14 @@ impl Store for MemoryStore {
         plan: &[PlanSubject<'_>],
         amounts: &Amounts,
     ) -> Result<SmallVec<[Level; 4]>, Refusal> {
-        let mut locked = Locked::new(self, plan.iter().map(|p| shard_index(p.subject)));
-        if let Some(refusal) = Self::decide(&mut locked, now, plan, amounts) {
+        let locked = Locked::new(self, plan.iter().map(|p| shard_index(p.subject)));
+        let spots = locked.spots(plan);
+        if let Some(refusal) = Self::decide(&locked, &spots, now, plan, amounts) {
             return Err(refusal);
         }
         let mut levels = SmallVec::new();
-        for p in plan {
-            Self::levels_of(locked.shard(p.subject), p, now, &mut levels);
+        for (p, spot) in plan.iter().zip(&spots) {
+            Self::levels_of(locked.entry(*spot), p, now, &mut levels);
         }
         Ok(levels)
     }
@@ -385,7 +480,7 @@ impl Store for MemoryStore {
             let actual = actual.map_or(0, |a| a.get(item.limit.metric()));
             let shard = locked.shard(&item.subject);
             if actual < item.amount {
-                if let Some(entry) = shard.find_mut(&item.subject) {
+                if let Some(entry) = shard.entry_mut(item.subject.hash_value()) {
                     entry.slot_mut(item.key, &item.limit).refund(
                         &item.limit,
                         item.mark,
@@ -393,8 +488,10 @@ impl Store for MemoryStore {
                     );
                 }
             } else if actual > item.amount {
-                let entry = shard.entry_mut(&item.subject, now);
-                let (_, level) = entry.charge(item.key, &item.limit, now, actual - item.amount);
+                shard.note_window(item.key, &item.limit);
+                let i = shard.find_or_insert(item.subject.hash_value());
+                let (_, level) =
+                    shard.entries[i].charge(item.key, &item.limit, now, actual - item.amount);
                 if level.used > item.limit.limit() {
                     settlement.overshoot.push(Overshoot {
                         subject: item.subject.clone(),
@@ -444,5 +541,15 @@ impl Store for MemoryStore {
 
     fn outstanding(&self) -> usize {
         self.leases.iter().map(|s| lock(&s.0).len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The layout the memory figures in docs/BENCHMARKS.md rest on.
+    #[test]
+    fn a_one_limit_entry_is_48_bytes() {
+        assert_eq!(size_of::<crate::algo::LimitState>(), 32);
+        assert_eq!(size_of::<super::Entry>(), 48);
     }
 }

@@ -94,10 +94,13 @@ pub struct Subject {
 }
 
 /// The per-process seeded hasher for subject strings.
+///
+/// The in-memory store keys counter state by this hash alone, so it is the
+/// `quality` variant (full avalanche) with a random per-process seed.
 pub(crate) fn hash_str(s: &str) -> u64 {
-    static STATE: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    static STATE: OnceLock<foldhash::quality::RandomState> = OnceLock::new();
     STATE
-        .get_or_init(foldhash::fast::RandomState::default)
+        .get_or_init(foldhash::quality::RandomState::default)
         .hash_one(s)
 }
 
