@@ -63,12 +63,21 @@ impl Entry {
         }
     }
 
-    fn slot(&self, key: LimitKey) -> Option<&LimitState> {
-        self.slots.iter().find(|s| s.key() == key.0)
+    /// The slot of `key`. `hint` is where it usually is: slots are added in
+    /// the order of the policy's limits, so the limit's index finds it at once.
+    fn position(&self, key: LimitKey, hint: usize) -> Option<usize> {
+        match self.slots.get(hint) {
+            Some(s) if s.key() == key.0 => Some(hint),
+            _ => self.slots.iter().position(|s| s.key() == key.0),
+        }
     }
 
-    fn slot_mut(&mut self, key: LimitKey, limit: &Limit) -> &mut LimitState {
-        let pos = match self.slots.iter().position(|s| s.key() == key.0) {
+    fn slot(&self, key: LimitKey, hint: usize) -> Option<&LimitState> {
+        self.position(key, hint).map(|i| &self.slots[i])
+    }
+
+    fn slot_mut(&mut self, key: LimitKey, hint: usize, limit: &Limit) -> &mut LimitState {
+        let pos = match self.position(key, hint) {
             Some(pos) => pos,
             None => {
                 self.slots.push(LimitState::new(limit, key.0));
@@ -78,8 +87,15 @@ impl Entry {
         &mut self.slots[pos]
     }
 
-    fn charge(&mut self, key: LimitKey, limit: &Limit, now: u64, amount: u64) -> (u64, Level) {
-        let state = self.slot_mut(key, limit);
+    fn charge(
+        &mut self,
+        key: LimitKey,
+        hint: usize,
+        limit: &Limit,
+        now: u64,
+        amount: u64,
+    ) -> (u64, Level) {
+        let state = self.slot_mut(key, hint, limit);
         let mark = state.charge(limit, now, amount);
         (mark, state.level(limit, now))
     }
@@ -185,12 +201,21 @@ impl Shard {
 struct HeldItem {
     subject: Subject,
     key: LimitKey,
+    /// Where the slot is likely to be (the limit's index in its policy).
+    slot: usize,
     limit: Arc<Limit>,
     amount: u64,
     mark: u64,
 }
 
-type Leases = HashMap<u64, Lease>;
+type Leases = HashMap<u64, Lease, foldhash::fast::FixedState>;
+
+/// What `acquire` took: levels in plan order, and what a lease holds.
+#[derive(Default)]
+struct Taken {
+    levels: SmallVec<[Level; 4]>,
+    held: Vec<HeldItem>,
+}
 
 #[derive(Debug)]
 struct Lease {
@@ -319,30 +344,41 @@ impl MemoryStore {
     ) -> Option<Refusal> {
         let mut refusal = None;
         for (pi, (p, spot)) in plan.iter().zip(spots).enumerate() {
-            let entry = locked.entry(*spot);
-            for (li, pl) in p.limits.iter().enumerate() {
-                let amount = amounts.get(pl.limit.metric());
-                if amount == 0 {
-                    continue;
-                }
-                let admit = match entry.and_then(|e| e.slot(pl.key)) {
-                    Some(state) => state.admit(&pl.limit, now, amount),
-                    None if amount > pl.limit.capacity() => Admit::Never,
-                    None => Admit::Now,
-                };
-                if admit != Admit::Now {
-                    refusal = worse(
-                        refusal,
-                        Refusal {
-                            plan_subject: pi,
-                            limit: li,
-                            admit,
-                        },
-                    );
-                }
-            }
+            Self::decide_subject(locked.entry(*spot), pi, p, now, amounts, &mut refusal);
         }
         refusal
+    }
+
+    /// Decide one subject's limits, merging any refusal into `refusal`.
+    fn decide_subject(
+        entry: Option<&Entry>,
+        pi: usize,
+        p: &PlanSubject<'_>,
+        now: u64,
+        amounts: &Amounts,
+        refusal: &mut Option<Refusal>,
+    ) {
+        for (li, pl) in p.limits.iter().enumerate() {
+            let amount = amounts.get(pl.limit.metric());
+            if amount == 0 {
+                continue;
+            }
+            let admit = match entry.and_then(|e| e.slot(pl.key, li)) {
+                Some(state) => state.admit(&pl.limit, now, amount),
+                None if amount > pl.limit.capacity() => Admit::Never,
+                None => Admit::Now,
+            };
+            if admit != Admit::Now {
+                *refusal = worse(
+                    *refusal,
+                    Refusal {
+                        plan_subject: pi,
+                        limit: li,
+                        admit,
+                    },
+                );
+            }
+        }
     }
 
     fn levels_of(
@@ -351,12 +387,88 @@ impl MemoryStore {
         now: u64,
         out: &mut SmallVec<[Level; 4]>,
     ) {
-        for pl in p.limits {
-            let level = match entry.and_then(|e| e.slot(pl.key)) {
+        for (li, pl) in p.limits.iter().enumerate() {
+            let level = match entry.and_then(|e| e.slot(pl.key, li)) {
                 Some(state) => state.level(&pl.limit, now),
                 None => LimitState::new(&pl.limit, pl.key.0).level(&pl.limit, now),
             };
             out.push(level);
+        }
+    }
+
+    /// Take the amounts on one subject (adding its entry if it has none),
+    /// recording levels and, for a lease, what is held.
+    fn take(
+        shard: &mut Shard,
+        found: Option<usize>,
+        p: &PlanSubject<'_>,
+        now: u64,
+        amounts: &Amounts,
+        hold: Hold,
+        taken: &mut Taken,
+    ) {
+        if p.limits
+            .iter()
+            .all(|pl| amounts.get(pl.limit.metric()) == 0)
+        {
+            Self::levels_of(found.map(|i| &shard.entries[i]), p, now, &mut taken.levels);
+            return;
+        }
+        for pl in p.limits {
+            shard.note_window(pl.key, &pl.limit);
+        }
+        // A subject without state is added here; adding never moves others.
+        let i = match found {
+            Some(i) => i,
+            None => shard.find_or_insert(p.subject.hash_value()),
+        };
+        let entry = &mut shard.entries[i];
+        if let Hold::Lease { .. } = hold {
+            taken.held.reserve(p.limits.len());
+        }
+        for (li, pl) in p.limits.iter().enumerate() {
+            let amount = amounts.get(pl.limit.metric());
+            let (mark, level) = if amount == 0 {
+                (
+                    0,
+                    entry.slot_mut(pl.key, li, &pl.limit).level(&pl.limit, now),
+                )
+            } else {
+                entry.charge(pl.key, li, &pl.limit, now, amount)
+            };
+            taken.levels.push(level);
+            if let Hold::Lease { .. } = hold {
+                taken.held.push(HeldItem {
+                    subject: p.subject.clone(),
+                    key: pl.key,
+                    slot: li,
+                    limit: Arc::clone(&pl.limit),
+                    amount,
+                    mark,
+                });
+            }
+        }
+    }
+
+    /// Record the lease, if any, once the shards are unlocked.
+    fn finish(&self, hold: Hold, taken: Taken) -> Acquired {
+        let reservation = match hold {
+            Hold::Spend | Hold::Force => None,
+            Hold::Lease { expires_at } => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                lock(self.lease_shard(id)).insert(
+                    id,
+                    Lease {
+                        expires_at,
+                        items: taken.held,
+                    },
+                );
+                Some(ReservationId(id))
+            }
+        };
+        Acquired {
+            reservation,
+            levels: taken.levels,
         }
     }
 
@@ -373,6 +485,24 @@ impl Store for MemoryStore {
         amounts: &Amounts,
         hold: Hold,
     ) -> Result<Acquired, Refusal> {
+        if let [p] = plan {
+            // One subject (the common case): one shard, no lock set.
+            let mut shard = lock(&self.shards[shard_index(p.subject)].0);
+            shard.sweep_if_grown(now);
+            let found = shard.find(p.subject.hash_value());
+            if hold != Hold::Force {
+                let mut refusal = None;
+                let entry = found.map(|i| &shard.entries[i]);
+                Self::decide_subject(entry, 0, p, now, amounts, &mut refusal);
+                if let Some(refusal) = refusal {
+                    return Err(refusal);
+                }
+            }
+            let mut taken = Taken::default();
+            Self::take(&mut shard, found, p, now, amounts, hold, &mut taken);
+            drop(shard);
+            return Ok(self.finish(hold, taken));
+        }
         let mut locked = Locked::new(self, plan.iter().map(|p| shard_index(p.subject)));
         for shard in &mut locked.guards {
             shard.sweep_if_grown(now);
@@ -383,66 +513,14 @@ impl Store for MemoryStore {
                 return Err(refusal);
             }
         }
-        let mut levels = SmallVec::new();
-        let mut held = Vec::new();
+        let mut taken = Taken::default();
         for (p, spot) in plan.iter().zip(&spots) {
-            if p.limits
-                .iter()
-                .all(|pl| amounts.get(pl.limit.metric()) == 0)
-            {
-                Self::levels_of(locked.entry(*spot), p, now, &mut levels);
-                continue;
-            }
             let shard = &mut locked.guards[spot.guard];
-            for pl in p.limits {
-                shard.note_window(pl.key, &pl.limit);
-            }
-            // A subject without state is added here; adding never moves others.
-            let i = match spot.entry {
-                Some(i) => i,
-                None => shard.find_or_insert(p.subject.hash_value()),
-            };
-            let entry = &mut shard.entries[i];
-            for pl in p.limits {
-                let amount = amounts.get(pl.limit.metric());
-                let (mark, level) = if amount == 0 {
-                    (0, entry.slot_mut(pl.key, &pl.limit).level(&pl.limit, now))
-                } else {
-                    entry.charge(pl.key, &pl.limit, now, amount)
-                };
-                levels.push(level);
-                if let Hold::Lease { .. } = hold {
-                    held.push(HeldItem {
-                        subject: p.subject.clone(),
-                        key: pl.key,
-                        limit: Arc::clone(&pl.limit),
-                        amount,
-                        mark,
-                    });
-                }
-            }
+            Self::take(shard, spot.entry, p, now, amounts, hold, &mut taken);
         }
         drop(locked);
-        let reservation = match hold {
-            Hold::Spend | Hold::Force => None,
-            Hold::Lease { expires_at } => {
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                lock(self.lease_shard(id)).insert(
-                    id,
-                    Lease {
-                        expires_at,
-                        items: held,
-                    },
-                );
-                Some(ReservationId(id))
-            }
-        };
-        Ok(Acquired {
-            reservation,
-            levels,
-        })
+        Ok(self.finish(hold, taken))
     }
-
     fn peek(
         &self,
         now: u64,
@@ -481,7 +559,7 @@ impl Store for MemoryStore {
             let shard = locked.shard(&item.subject);
             if actual < item.amount {
                 if let Some(entry) = shard.entry_mut(item.subject.hash_value()) {
-                    entry.slot_mut(item.key, &item.limit).refund(
+                    entry.slot_mut(item.key, item.slot, &item.limit).refund(
                         &item.limit,
                         item.mark,
                         item.amount - actual,
@@ -490,8 +568,13 @@ impl Store for MemoryStore {
             } else if actual > item.amount {
                 shard.note_window(item.key, &item.limit);
                 let i = shard.find_or_insert(item.subject.hash_value());
-                let (_, level) =
-                    shard.entries[i].charge(item.key, &item.limit, now, actual - item.amount);
+                let (_, level) = shard.entries[i].charge(
+                    item.key,
+                    item.slot,
+                    &item.limit,
+                    now,
+                    actual - item.amount,
+                );
                 if level.used > item.limit.limit() {
                     settlement.overshoot.push(Overshoot {
                         subject: item.subject.clone(),
