@@ -199,6 +199,35 @@ fn two_threads(c: &mut Criterion) {
             })
         })
     });
+    // Not a target: two threads on two subjects of one tier share no counter,
+    // so this shows what the engine's shared structures (the policy table)
+    // cost when threads meet only there.
+    let tier = Subject::wildcard(SubjectKind::User);
+    let limiter = ours(vec![gcra("1s")], &tier);
+    let requests = [
+        Request::new([Subject::parse("user:a").unwrap()], Amounts::one_request()),
+        Request::new([Subject::parse("user:b").unwrap()], Amounts::one_request()),
+    ];
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    g.bench_function("sluice_check_two_subjects", |b| {
+        b.iter_custom(|iters| {
+            let per = iters.div_ceil(2);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    let mine =
+                        &requests[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2];
+                    let limiter = &limiter;
+                    s.spawn(move || {
+                        for _ in 0..per {
+                            black_box(limiter.check(mine).is_allowed());
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        })
+    });
     g.finish();
 }
 

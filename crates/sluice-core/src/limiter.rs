@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use smallvec::SmallVec;
@@ -54,20 +56,27 @@ impl Hasher for SubjectHasher {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Resolved {
     policy: Arc<Policy>,
     planned: Arc<[PlannedLimit]>,
 }
 
-#[derive(Debug, Default)]
-struct Policies {
-    exact: HashMap<Subject, Resolved, BuildHasherDefault<SubjectHasher>>,
-    tiers: Vec<(SubjectKind, Resolved)>,
-    keys: HashMap<StateIdentity, LimitKey>,
+type Exact = HashMap<Subject, Resolved, BuildHasherDefault<SubjectHasher>>;
+type Tiers = Vec<(SubjectKind, Resolved)>;
+
+/// Number of policy shards (a power of two): a policy change copies one
+/// shard's map, so this keeps loading many policies from quadratic cost.
+const POLICY_SHARDS: usize = 256;
+
+/// What a reader sees of one shard: its subjects' own policies and the tiers.
+#[derive(Clone, Debug, Default)]
+struct PolicyShard {
+    exact: Arc<Exact>,
+    tiers: Arc<Tiers>,
 }
 
-impl Policies {
+impl PolicyShard {
     fn resolve(&self, subject: &Subject) -> Option<&Resolved> {
         self.exact.get(subject).or_else(|| {
             self.tiers
@@ -78,13 +87,37 @@ impl Policies {
     }
 }
 
+fn policy_shard(subject: &Subject) -> usize {
+    // Bits the store's shards and hashbrown's buckets and tags do not use.
+    ((subject.hash_value() >> 40) as usize) & (POLICY_SHARDS - 1)
+}
+
 /// Every subject's policy, and the tiers (`user:*`) that apply to subjects
 /// without one: what turns a [`Request`] into a plan for a [`Store`].
 /// The [`Limiter`] holds one; a limiter over an asynchronous store (Redis)
 /// holds one too and plans with [`PolicyTable::plan`].
-#[derive(Debug, Default)]
+///
+/// Readers never lock and never write shared memory: each shard is an
+/// `ArcSwap` loaded through arc-swap's per-thread slots, so threads deciding
+/// for the same subject do not contend on a lock's cache line. A change
+/// copies the one shard it touches (a tier change, only the shard handles)
+/// and swaps it in; changes are serialized by one mutex, which also interns
+/// state keys.
+#[derive(Debug)]
 pub struct PolicyTable {
-    policies: RwLock<Policies>,
+    shards: Box<[ArcSwap<PolicyShard>]>,
+    writer: Mutex<HashMap<StateIdentity, LimitKey>>,
+}
+
+impl Default for PolicyTable {
+    fn default() -> Self {
+        PolicyTable {
+            shards: (0..POLICY_SHARDS)
+                .map(|_| ArcSwap::from_pointee(PolicyShard::default()))
+                .collect(),
+            writer: Mutex::default(),
+        }
+    }
 }
 
 /// One subject of a [`Plan`]: the subject, its index in the request, its limits.
@@ -122,26 +155,52 @@ impl Plan {
 }
 
 impl PolicyTable {
-    fn read(&self) -> RwLockReadGuard<'_, Policies> {
-        self.policies
-            .read()
+    fn shard(&self, subject: &Subject) -> arc_swap::Guard<Arc<PolicyShard>> {
+        self.shards[policy_shard(subject)].load()
+    }
+
+    fn write(&self) -> MutexGuard<'_, HashMap<StateIdentity, LimitKey>> {
+        self.writer
+            .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replace every shard's tiers (the exact maps are shared, not copied).
+    fn set_tiers(&self, tiers: Tiers) {
+        let tiers = Arc::new(tiers);
+        for shard in self.shards.iter() {
+            let current = shard.load();
+            shard.store(Arc::new(PolicyShard {
+                exact: Arc::clone(&current.exact),
+                tiers: Arc::clone(&tiers),
+            }));
+        }
+    }
+
+    /// Copy one shard's map, change it, and swap it in.
+    fn update_exact<R>(&self, subject: &Subject, change: impl FnOnce(&mut Exact) -> R) -> R {
+        let shard = &self.shards[policy_shard(subject)];
+        let current = shard.load();
+        let mut exact = Exact::clone(&current.exact);
+        let out = change(&mut exact);
+        shard.store(Arc::new(PolicyShard {
+            exact: Arc::new(exact),
+            tiers: Arc::clone(&current.tiers),
+        }));
+        out
     }
 
     /// Set (or replace) a subject's policy; a wildcard subject (`user:*`) sets
     /// the tier for every subject of its kind without a policy of its own.
     /// Usage of limits that stay the same (metric, window, algorithm) is kept.
     pub fn set_policy(&self, subject: &Subject, policy: Policy) -> Option<Arc<Policy>> {
-        let mut table = self
-            .policies
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut keys = self.write();
         let planned = policy
             .limits()
             .iter()
             .map(|limit| {
-                let next = LimitKey(u32::try_from(table.keys.len()).unwrap_or(u32::MAX));
-                let key = *table.keys.entry(limit.identity.clone()).or_insert(next);
+                let next = LimitKey(u32::try_from(keys.len()).unwrap_or(u32::MAX));
+                let key = *keys.entry(limit.identity.clone()).or_insert(next);
                 PlannedLimit {
                     key,
                     limit: Arc::clone(limit),
@@ -154,81 +213,90 @@ impl PolicyTable {
         };
         if subject.is_wildcard() {
             let kind = subject.kind();
-            let old = table
-                .tiers
+            let mut tiers = Tiers::clone(&self.shards[0].load().tiers);
+            let old = tiers
                 .iter()
                 .position(|(k, _)| *k == kind)
-                .map(|i| table.tiers.remove(i));
-            table.tiers.push((kind, resolved));
+                .map(|i| tiers.remove(i));
+            tiers.push((kind, resolved));
+            self.set_tiers(tiers);
             old.map(|(_, r)| r.policy)
         } else {
-            table
-                .exact
-                .insert(subject.clone(), resolved)
-                .map(|r| r.policy)
+            self.update_exact(subject, |exact| {
+                exact.insert(subject.clone(), resolved).map(|r| r.policy)
+            })
         }
     }
 
     /// Remove a subject's own policy (or a tier). Its counters stay until idle.
     pub fn remove_policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
-        let mut table = self
-            .policies
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _keys = self.write();
         if subject.is_wildcard() {
-            let pos = table.tiers.iter().position(|(k, _)| *k == subject.kind())?;
-            Some(table.tiers.remove(pos).1.policy)
+            let mut tiers = Tiers::clone(&self.shards[0].load().tiers);
+            let pos = tiers.iter().position(|(k, _)| *k == subject.kind())?;
+            let old = tiers.remove(pos).1.policy;
+            self.set_tiers(tiers);
+            Some(old)
         } else {
-            table.exact.remove(subject).map(|r| r.policy)
+            if !self.shard(subject).exact.contains_key(subject) {
+                return None;
+            }
+            self.update_exact(subject, |exact| exact.remove(subject).map(|r| r.policy))
         }
     }
 
     /// The subject's own policy (or the tier's, for a wildcard subject).
     pub fn policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
-        let table = self.read();
+        let shard = self.shard(subject);
         if subject.is_wildcard() {
-            table
+            shard
                 .tiers
                 .iter()
                 .find(|(k, _)| *k == subject.kind())
                 .map(|(_, r)| Arc::clone(&r.policy))
         } else {
-            table.exact.get(subject).map(|r| Arc::clone(&r.policy))
+            shard.exact.get(subject).map(|r| Arc::clone(&r.policy))
         }
     }
 
     /// The policy that applies to a subject: its own, else its kind's tier.
     pub fn effective_policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
-        self.read().resolve(subject).map(|r| Arc::clone(&r.policy))
+        self.shard(subject)
+            .resolve(subject)
+            .map(|r| Arc::clone(&r.policy))
     }
 
     /// Every policy, tiers included, sorted by subject.
     pub fn policies(&self) -> Vec<(Subject, Arc<Policy>)> {
-        let table = self.read();
-        let mut all: Vec<_> = table
-            .exact
-            .iter()
-            .map(|(s, r)| (s.clone(), Arc::clone(&r.policy)))
-            .chain(
-                table
-                    .tiers
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.load();
+            all.extend(
+                shard
+                    .exact
                     .iter()
-                    .map(|(k, r)| (Subject::wildcard(*k), Arc::clone(&r.policy))),
-            )
-            .collect();
+                    .map(|(s, r)| (s.clone(), Arc::clone(&r.policy))),
+            );
+        }
+        all.extend(
+            self.shards[0]
+                .load()
+                .tiers
+                .iter()
+                .map(|(k, r)| (Subject::wildcard(*k), Arc::clone(&r.policy))),
+        );
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
 
     /// Resolve a request: each distinct subject with a policy, with its limits.
     pub fn plan(&self, request: &Request) -> Plan {
-        let table = self.read();
         let mut subjects: SmallVec<[PlannedSubject; 4]> = SmallVec::new();
         for (index, subject) in request.subjects.iter().enumerate() {
             if request.subjects[..index].contains(subject) {
                 continue;
             }
-            if let Some(resolved) = table.resolve(subject) {
+            if let Some(resolved) = self.shard(subject).resolve(subject) {
                 subjects.push((subject.clone(), index, Arc::clone(&resolved.planned)));
             }
         }
@@ -236,16 +304,32 @@ impl PolicyTable {
     }
 
     fn with_plan<R>(&self, request: &Request, f: impl FnOnce(&[PlanSubject<'_>]) -> R) -> R {
-        let table = self.read();
-        let mut subjects: SmallVec<[PlanSubject<'_>; 4]> = SmallVec::new();
+        if let [subject] = &request.subjects[..] {
+            // One subject (the common case): one shard load, nothing to gather.
+            let shard = self.shard(subject);
+            return match shard.resolve(subject) {
+                Some(resolved) => f(&[PlanSubject {
+                    subject,
+                    index: 0,
+                    limits: &resolved.planned,
+                }]),
+                None => f(&[]),
+            };
+        }
+        // Hold each distinct subject's shard while the plan borrows from it.
+        let mut loaded: SmallVec<[(usize, arc_swap::Guard<Arc<PolicyShard>>); 4]> = SmallVec::new();
         for (index, subject) in request.subjects.iter().enumerate() {
-            if request.subjects[..index].contains(subject) {
-                continue;
+            if !request.subjects[..index].contains(subject) {
+                loaded.push((index, self.shard(subject)));
             }
-            if let Some(resolved) = table.resolve(subject) {
+        }
+        let mut subjects: SmallVec<[PlanSubject<'_>; 4]> = SmallVec::new();
+        for (index, shard) in &loaded {
+            let subject = &request.subjects[*index];
+            if let Some(resolved) = shard.resolve(subject) {
                 subjects.push(PlanSubject {
                     subject,
-                    index,
+                    index: *index,
                     limits: &resolved.planned,
                 });
             }

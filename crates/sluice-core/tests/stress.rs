@@ -124,3 +124,62 @@ fn concurrent_reservations_settle_exactly() {
     assert_eq!(limiter.outstanding(), 0);
     assert_eq!(limiter.usage(&who)[0].used, spent.load(Ordering::Relaxed));
 }
+
+/// Policies change (exact and tiers) while other threads decide: every
+/// decision sees one whole policy, old or new, and nothing is lost.
+#[test]
+fn policy_changes_while_deciding_are_seen_whole() {
+    let clock = ManualClock::new(Timestamp::from_nanos(T0));
+    let limiter = limiter(&clock);
+    let tier = Subject::wildcard(SubjectKind::User);
+    let subjects: Vec<Subject> = (0..500).map(|i| subject(&format!("user:{i}"))).collect();
+    let two = |n| {
+        policy(
+            vec![
+                LimitDef::new("requests", n, "1h"),
+                LimitDef::new("tokens", n * 10, "day"),
+            ],
+            None,
+        )
+    };
+    limiter.set_policy(&tier, two(1_000_000));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for round in 1..=20u64 {
+                for s in &subjects {
+                    limiter.set_policy(s, two(round * 1_000_000));
+                }
+                limiter.set_policy(&tier, two(round * 1_000_000 + 1));
+                for s in subjects.iter().step_by(2) {
+                    limiter.remove_policy(s);
+                }
+            }
+        });
+        for _ in 0..2 {
+            scope.spawn(|| {
+                for _ in 0..20 {
+                    for s in &subjects {
+                        let request = Request::new([s.clone()], Amounts::one_request());
+                        let Decision::Allowed(statuses) = limiter.check(&request) else {
+                            panic!("refused under a huge limit");
+                        };
+                        // Both limits of one policy: requests n, tokens 10n.
+                        assert_eq!(statuses.len(), 2);
+                        assert_eq!(statuses[1].limit, statuses[0].limit * 10);
+                    }
+                }
+            });
+        }
+    });
+    // Odd subjects kept their own policy; even ones fell back to the tier.
+    let all = limiter.policies();
+    assert_eq!(all.len(), 250 + 1);
+    assert_eq!(
+        limiter.effective_policy(&subjects[0]).unwrap().limits()[0].limit(),
+        20_000_001
+    );
+    assert_eq!(
+        limiter.effective_policy(&subjects[1]).unwrap().limits()[0].limit(),
+        20_000_000
+    );
+}
