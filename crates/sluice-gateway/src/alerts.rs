@@ -380,19 +380,8 @@ async fn deliver(st: &AppState, row: AlertRow) {
     let status = if failed { "failed" } else { "delivered" };
     let now = st.now().as_nanos();
     let last_error = errors.last().cloned();
-    if let Err(e) = st
-        .db
-        .update_alert(
-            row.seq,
-            status,
-            attempts,
-            last_error.as_deref(),
-            (!failed).then_some(now),
-        )
-        .await
-    {
-        tracing::warn!("recording alert {}'s delivery: {e}", row.seq);
-    }
+    // The audit record first: whoever sees the alert's final status finds
+    // its audit record too.
     let audit = Audit {
         kind: if failed { "alert.failed" } else { "alert.sent" },
         subject: row.subject.clone(),
@@ -411,5 +400,18 @@ async fn deliver(st: &AppState, row: AlertRow) {
     };
     if let Err(e) = st.db.audit_many(&[(now, audit)]).await {
         tracing::warn!("auditing alert {}: {e}", row.seq);
+    }
+    if let Err(e) = st
+        .db
+        .update_alert(
+            row.seq,
+            status,
+            attempts,
+            last_error.as_deref(),
+            (!failed).then_some(now),
+        )
+        .await
+    {
+        tracing::warn!("recording alert {}'s delivery: {e}", row.seq);
     }
 }
