@@ -190,11 +190,8 @@ impl PolicyTable {
         out
     }
 
-    /// Set (or replace) a subject's policy; a wildcard subject (`user:*`) sets
-    /// the tier for every subject of its kind without a policy of its own.
-    /// Usage of limits that stay the same (metric, window, algorithm) is kept.
-    pub fn set_policy(&self, subject: &Subject, policy: Policy) -> Option<Arc<Policy>> {
-        let mut keys = self.write();
+    /// A policy with its limits' state keys (interned under the writer lock).
+    fn resolved(keys: &mut HashMap<StateIdentity, LimitKey>, policy: Policy) -> Resolved {
         let planned = policy
             .limits()
             .iter()
@@ -207,10 +204,18 @@ impl PolicyTable {
                 }
             })
             .collect();
-        let resolved = Resolved {
+        Resolved {
             policy: Arc::new(policy),
             planned,
-        };
+        }
+    }
+
+    /// Set (or replace) a subject's policy; a wildcard subject (`user:*`) sets
+    /// the tier for every subject of its kind without a policy of its own.
+    /// Usage of limits that stay the same (metric, window, algorithm) is kept.
+    pub fn set_policy(&self, subject: &Subject, policy: Policy) -> Option<Arc<Policy>> {
+        let mut keys = self.write();
+        let resolved = Self::resolved(&mut keys, policy);
         if subject.is_wildcard() {
             let kind = subject.kind();
             let mut tiers = Tiers::clone(&self.shards[0].load().tiers);
@@ -225,6 +230,43 @@ impl PolicyTable {
             self.update_exact(subject, |exact| {
                 exact.insert(subject.clone(), resolved).map(|r| r.policy)
             })
+        }
+    }
+
+    /// Set many policies at once, as [`set_policy`](Self::set_policy) would
+    /// one by one (later ones win), copying each shard they touch once
+    /// instead of once per policy: loading n policies costs O(n), not
+    /// O(n² / shards).
+    pub fn set_policies(&self, policies: impl IntoIterator<Item = (Subject, Policy)>) {
+        let mut keys = self.write();
+        let mut batches: HashMap<usize, Vec<(Subject, Resolved)>> = HashMap::new();
+        let mut tiers: Option<Tiers> = None;
+        for (subject, policy) in policies {
+            let resolved = Self::resolved(&mut keys, policy);
+            if subject.is_wildcard() {
+                let kind = subject.kind();
+                let tiers = tiers.get_or_insert_with(|| Tiers::clone(&self.shards[0].load().tiers));
+                tiers.retain(|(k, _)| *k != kind);
+                tiers.push((kind, resolved));
+            } else {
+                batches
+                    .entry(policy_shard(&subject))
+                    .or_default()
+                    .push((subject, resolved));
+            }
+        }
+        for (index, batch) in batches {
+            let shard = &self.shards[index];
+            let current = shard.load();
+            let mut exact = Exact::clone(&current.exact);
+            exact.extend(batch);
+            shard.store(Arc::new(PolicyShard {
+                exact: Arc::new(exact),
+                tiers: Arc::clone(&current.tiers),
+            }));
+        }
+        if let Some(tiers) = tiers {
+            self.set_tiers(tiers);
         }
     }
 
@@ -443,6 +485,11 @@ impl<C: Clock, S: Store> Limiter<C, S> {
     /// Set (or replace) a subject's policy; see [`PolicyTable::set_policy`].
     pub fn set_policy(&self, subject: &Subject, policy: Policy) -> Option<Arc<Policy>> {
         self.table.set_policy(subject, policy)
+    }
+
+    /// Set many policies at once; see [`PolicyTable::set_policies`].
+    pub fn set_policies(&self, policies: impl IntoIterator<Item = (Subject, Policy)>) {
+        self.table.set_policies(policies);
     }
 
     /// Remove a subject's own policy (or a tier). Its counters stay until idle.

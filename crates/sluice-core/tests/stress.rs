@@ -183,3 +183,46 @@ fn policy_changes_while_deciding_are_seen_whole() {
         20_000_000
     );
 }
+
+/// Loading policies in bulk gives the same table as setting them one by one
+/// (later entries win, tiers included), and decisions see them.
+#[test]
+fn bulk_loaded_policies_equal_one_by_one() {
+    let clock = ManualClock::new(Timestamp::from_nanos(T0));
+    let one = limiter(&clock);
+    let bulk = limiter(&clock);
+    let limit = |n| policy(vec![LimitDef::new("requests", n, "1h")], None);
+    let mut all: Vec<(Subject, Policy)> = (0..3_000u64)
+        .map(|i| {
+            (
+                subject(&format!("agent://o/e/a{}", i % 2_000)),
+                limit(i + 1),
+            )
+        })
+        .collect();
+    all.push((Subject::wildcard(SubjectKind::User), limit(7)));
+    all.push((Subject::wildcard(SubjectKind::User), limit(8)));
+    for (s, p) in &all {
+        one.set_policy(s, p.clone());
+    }
+    bulk.set_policies(all);
+    let view = |l: &TestLimiter<'_>| {
+        l.policies()
+            .into_iter()
+            .map(|(s, p)| (s.as_str().to_owned(), p.limits()[0].limit()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(view(&one), view(&bulk));
+    assert_eq!(view(&bulk).len(), 2_001);
+    // a0 was set at i = 0 and i = 2000: the later one (2001) won.
+    let a0 = subject("agent://o/e/a0");
+    assert_eq!(
+        bulk.effective_policy(&a0).unwrap().limits()[0].limit(),
+        2_001
+    );
+    let user = Request::new([subject("user:1")], Amounts::one_request());
+    let Decision::Allowed(statuses) = bulk.check(&user) else {
+        panic!("refused");
+    };
+    assert_eq!(statuses[0].limit, 8);
+}

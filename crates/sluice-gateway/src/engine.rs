@@ -307,6 +307,20 @@ impl Engine {
         self.table().set_policy(subject, policy);
     }
 
+    /// Set many policies at once (loading them at start or on a reload):
+    /// each policy shard is copied once, not once per policy.
+    pub fn set_policies(&self, policies: Vec<(Subject, Policy)>) {
+        if let Engine::Redis(r) = self {
+            if r.on_error == OnStoreError::Local {
+                let divided = policies
+                    .iter()
+                    .map(|(s, p)| (s.clone(), p.divided(u64::from(r.replicas))));
+                r.fallback.limiter.set_policies(divided);
+            }
+        }
+        self.table().set_policies(policies);
+    }
+
     /// Remove a subject's policy.
     pub fn remove_policy(&self, subject: &Subject) {
         if let Engine::Redis(r) = self {

@@ -239,12 +239,14 @@ impl Gateway {
             }
         }
         let mut policies = BTreeMap::new();
+        let mut loaded = Vec::new();
         for (subject, body, updated_ns) in db.policies().await? {
             if let Some((s, stored, policy)) = stored_policy(&subject, &body, updated_ns) {
-                engine.set_policy(&s, policy);
+                loaded.push((s, policy));
                 policies.insert(subject, stored);
             }
         }
+        engine.set_policies(loaded);
         // The providers' quotas from sluice.toml (rolling minutes).
         for (subject, quota) in &config.proxy.quotas {
             let mut def = sluice_core::PolicyDef::default();
@@ -477,6 +479,7 @@ pub async fn reload(state: &AppState) -> Result<(), DbError> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&subject);
     }
+    let mut changed = Vec::new();
     for (subject, body, updated_ns) in &rows {
         let same = state
             .policies
@@ -488,7 +491,7 @@ pub async fn reload(state: &AppState) -> Result<(), DbError> {
             continue;
         }
         if let Some((s, stored, policy)) = stored_policy(subject, body, *updated_ns) {
-            state.engine.set_policy(&s, policy);
+            changed.push((s, policy));
             if stored.body.alert_at.is_some() {
                 state.alerts.enable();
             }
@@ -504,6 +507,7 @@ pub async fn reload(state: &AppState) -> Result<(), DbError> {
                 .insert(subject.clone(), stored);
         }
     }
+    state.engine.set_policies(changed);
     crate::approvals::reload(state).await
 }
 
