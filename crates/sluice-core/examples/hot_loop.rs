@@ -5,7 +5,8 @@
 //! `cargo run --release -p sluice-core --example hot_loop -- check1 1000000`
 //! Scenarios: `check1` (one GCRA limit, one subject), `check4` (four limits),
 //! `reserve4` (four-limit reserve + commit), `keyed` (one limit, 100,000
-//! subjects in a pseudo-random order).
+//! subjects in a pseudo-random order), and `policies` (prints the time to
+//! load N policies with `set_policies`, and with `set_policy` one by one).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "example")]
 
 use std::hint::black_box;
@@ -98,6 +99,35 @@ fn main() {
                         .is_allowed(),
                 );
             }
+        }
+        "policies" => {
+            let policy = Policy::new(&PolicyDef {
+                limits: vec![LimitDef::new("requests", 100, "1h")],
+                timezone: None,
+            })
+            .unwrap();
+            let all = || {
+                (0..n).map(|i| {
+                    (
+                        Subject::parse(&format!("agent://o/e/a{i}")).unwrap(),
+                        policy.clone(),
+                    )
+                })
+            };
+            let l = Limiter::in_memory();
+            let batch: Vec<_> = all().collect();
+            #[allow(clippy::disallowed_methods, reason = "timing a load, not a decision")]
+            let start = std::time::Instant::now();
+            l.set_policies(batch);
+            println!("set_policies: {n} policies in {:?}", start.elapsed());
+            let l = Limiter::in_memory();
+            let batch: Vec<_> = all().collect();
+            #[allow(clippy::disallowed_methods, reason = "timing a load, not a decision")]
+            let start = std::time::Instant::now();
+            for (s, p) in batch {
+                l.set_policy(&s, p);
+            }
+            println!("set_policy one by one: {n} policies in {:?}", start.elapsed());
         }
         other => eprintln!("unknown scenario {other}"),
     }
