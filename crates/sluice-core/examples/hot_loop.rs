@@ -127,7 +127,10 @@ fn main() {
             for (s, p) in batch {
                 l.set_policy(&s, p);
             }
-            println!("set_policy one by one: {n} policies in {:?}", start.elapsed());
+            println!(
+                "set_policy one by one: {n} policies in {:?}",
+                start.elapsed()
+            );
         }
         other => eprintln!("unknown scenario {other}"),
     }
