@@ -219,10 +219,21 @@ async fn a_slow_webhook_never_holds_a_decision() {
         0,
         "every decision answered while no delivery had completed"
     );
-    let pending = s
-        .admin(Method::GET, "/v1/alerts?status=pending", None)
-        .await;
-    assert_eq!(pending.body["alerts"].as_array().unwrap().len(), 10);
+    // Alerts are recorded off the request path, one after another: wait
+    // (bounded) until all ten are listed, still pending behind the gate.
+    let mut pending = 0;
+    for _ in 0..200 {
+        let list = s
+            .admin(Method::GET, "/v1/alerts?status=pending", None)
+            .await;
+        pending = list.body["alerts"].as_array().unwrap().len();
+        if pending == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(pending, 10);
+    assert_eq!(slow.got.lock().unwrap().len(), 0, "the gate is still shut");
     slow.gate.add_permits(1 << 20);
     until("all ten delivered", || slow.got.lock().unwrap().len() == 10).await;
     s.stop().await;
