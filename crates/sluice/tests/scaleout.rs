@@ -149,6 +149,17 @@ async fn send(
     (status, v)
 }
 
+/// `POST /v1/check` for one subject, as the admin.
+async fn check_subject(http: &reqwest::Client, url: &str, subject: &str) -> (u16, Value) {
+    send(
+        http,
+        reqwest::Method::POST,
+        &format!("{url}/v1/check"),
+        Some(json!({ "subjects": [subject] })),
+    )
+    .await
+}
+
 /// Ask `f` every 25 ms, at most `tries` times, until it answers `Some`.
 async fn poll<T, F, Fut>(tries: usize, mut f: F) -> Option<T>
 where
@@ -272,13 +283,7 @@ fn three_replicas_share_exact_limits() {
                         break;
                     }
                     let url = &urls[(i % 3) as usize];
-                    let (status, body) = send(
-                        &http,
-                        reqwest::Method::POST,
-                        &format!("{url}/v1/check"),
-                        Some(json!({"subjects": ["user:alice"]})),
-                    )
-                    .await;
+                    let (status, body) = check_subject(&http, url, "user:alice").await;
                     match status {
                         200 => {
                             admitted.fetch_add(1, Ordering::Relaxed);
@@ -438,13 +443,7 @@ fn policy_change_reaches_other_replicas() {
         let check = |url: String| {
             let http = http.clone();
             async move {
-                send(
-                    &http,
-                    reqwest::Method::POST,
-                    &format!("{url}/v1/check"),
-                    Some(json!({"subjects": ["session:s1"]})),
-                )
-                .await
+                check_subject(&http, &url, "session:s1").await
                 .0
             }
         };
@@ -509,13 +508,7 @@ fn policy_change_reaches_other_replicas() {
         .await;
         assert_eq!(status, 200, "{body}");
         let stopped = poll(200, || async {
-            let (status, _) = send(
-                &http,
-                reqwest::Method::POST,
-                &format!("{}/v1/check", b.url),
-                Some(json!({"subjects": ["agent://acme/prod/x"]})),
-            )
-            .await;
+            let (status, _) = check_subject(&http, &b.url, "agent://acme/prod/x").await;
             (status == 403).then_some(())
         })
         .await;
@@ -552,13 +545,7 @@ fn policy_change_reaches_other_replicas() {
         .await;
         assert_eq!(status, 201);
         for _ in 0..3 {
-            let (status, body) = send(
-                &http,
-                reqwest::Method::POST,
-                &format!("{}/v1/check", a.url),
-                Some(json!({"subjects": ["user:loud"]})),
-            )
-            .await;
+            let (status, body) = check_subject(&http, &a.url, "user:loud").await;
             assert_eq!(status, 200, "{body}");
         }
         let (status, held) = send(
@@ -606,13 +593,7 @@ fn policy_change_reaches_other_replicas() {
         let careful = |url: String| {
             let http = http.clone();
             async move {
-                send(
-                    &http,
-                    reqwest::Method::POST,
-                    &format!("{url}/v1/check"),
-                    Some(json!({"subjects": ["user:careful"]})),
-                )
-                .await
+                check_subject(&http, &url, "user:careful").await
             }
         };
         // Once B has the policy, it takes the first request.
@@ -721,13 +702,7 @@ fn killed_replica_leases_expire_and_settle() {
         // Held amounts count as spent: 6 of 10 left, exactly.
         let mut admitted = 0;
         for _ in 0..10 {
-            let (status, _) = send(
-                &http,
-                reqwest::Method::POST,
-                &format!("{b_url}/v1/check"),
-                Some(json!({"subjects": ["key:shared"]})),
-            )
-            .await;
+            let (status, _) = check_subject(&http, &b_url, "key:shared").await;
             if status == 200 {
                 admitted += 1;
             }
@@ -854,15 +829,7 @@ fn redis_outage_follows_on_store_error() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let check = |url: String| {
             let http = http.clone();
-            async move {
-                send(
-                    &http,
-                    reqwest::Method::POST,
-                    &format!("{url}/v1/check"),
-                    Some(json!({"subjects": ["user:bob"]})),
-                )
-                .await
-            }
+            async move { check_subject(&http, &url, "user:bob").await }
         };
         assert_eq!(check(deny.url.clone()).await.0, 200);
         assert_eq!(check(local.url.clone()).await.0, 200);
@@ -993,13 +960,7 @@ fn postgres_outage_queues_the_ledger() {
         let (http, url) = (http.clone(), url.clone());
         async move {
             for _ in 0..n {
-                let (status, body) = send(
-                    &http,
-                    reqwest::Method::POST,
-                    &format!("{url}/v1/check"),
-                    Some(json!({"subjects": ["key:pgdown"]})),
-                )
-                .await;
+                let (status, body) = check_subject(&http, &url, "key:pgdown").await;
                 assert_eq!(status, 200, "{body}");
             }
         }
