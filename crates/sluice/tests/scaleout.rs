@@ -442,10 +442,7 @@ fn policy_change_reaches_other_replicas() {
         let http = reqwest::Client::new();
         let check = |url: String| {
             let http = http.clone();
-            async move {
-                check_subject(&http, &url, "session:s1").await
-                .0
-            }
+            async move { check_subject(&http, &url, "session:s1").await.0 }
         };
         // No policy yet: B admits freely.
         for _ in 0..3 {
