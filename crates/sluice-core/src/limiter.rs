@@ -87,6 +87,16 @@ impl PolicyShard {
     }
 }
 
+/// Put `resolved` in as `kind`'s tier; the tier it replaces, if any.
+fn replace_tier(tiers: &mut Tiers, kind: SubjectKind, resolved: Resolved) -> Option<Resolved> {
+    let old = tiers
+        .iter()
+        .position(|(k, _)| *k == kind)
+        .map(|i| tiers.remove(i).1);
+    tiers.push((kind, resolved));
+    old
+}
+
 fn policy_shard(subject: &Subject) -> usize {
     // Bits the store's shards and hashbrown's buckets and tags do not use.
     ((subject.hash_value() >> 40) as usize) & (POLICY_SHARDS - 1)
@@ -165,6 +175,11 @@ impl PolicyTable {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A copy of the tiers (every shard shares one list).
+    fn tiers(&self) -> Tiers {
+        Tiers::clone(&self.shards[0].load().tiers)
+    }
+
     /// Replace every shard's tiers (the exact maps are shared, not copied).
     fn set_tiers(&self, tiers: Tiers) {
         let tiers = Arc::new(tiers);
@@ -178,8 +193,8 @@ impl PolicyTable {
     }
 
     /// Copy one shard's map, change it, and swap it in.
-    fn update_exact<R>(&self, subject: &Subject, change: impl FnOnce(&mut Exact) -> R) -> R {
-        let shard = &self.shards[policy_shard(subject)];
+    fn update_exact<R>(&self, index: usize, change: impl FnOnce(&mut Exact) -> R) -> R {
+        let shard = &self.shards[index];
         let current = shard.load();
         let mut exact = Exact::clone(&current.exact);
         let out = change(&mut exact);
@@ -217,17 +232,12 @@ impl PolicyTable {
         let mut keys = self.write();
         let resolved = Self::resolved(&mut keys, policy);
         if subject.is_wildcard() {
-            let kind = subject.kind();
-            let mut tiers = Tiers::clone(&self.shards[0].load().tiers);
-            let old = tiers
-                .iter()
-                .position(|(k, _)| *k == kind)
-                .map(|i| tiers.remove(i));
-            tiers.push((kind, resolved));
+            let mut tiers = self.tiers();
+            let old = replace_tier(&mut tiers, subject.kind(), resolved);
             self.set_tiers(tiers);
-            old.map(|(_, r)| r.policy)
+            old.map(|r| r.policy)
         } else {
-            self.update_exact(subject, |exact| {
+            self.update_exact(policy_shard(subject), |exact| {
                 exact.insert(subject.clone(), resolved).map(|r| r.policy)
             })
         }
@@ -244,10 +254,8 @@ impl PolicyTable {
         for (subject, policy) in policies {
             let resolved = Self::resolved(&mut keys, policy);
             if subject.is_wildcard() {
-                let kind = subject.kind();
-                let tiers = tiers.get_or_insert_with(|| Tiers::clone(&self.shards[0].load().tiers));
-                tiers.retain(|(k, _)| *k != kind);
-                tiers.push((kind, resolved));
+                let tiers = tiers.get_or_insert_with(|| self.tiers());
+                replace_tier(tiers, subject.kind(), resolved);
             } else {
                 batches
                     .entry(policy_shard(&subject))
@@ -256,14 +264,7 @@ impl PolicyTable {
             }
         }
         for (index, batch) in batches {
-            let shard = &self.shards[index];
-            let current = shard.load();
-            let mut exact = Exact::clone(&current.exact);
-            exact.extend(batch);
-            shard.store(Arc::new(PolicyShard {
-                exact: Arc::new(exact),
-                tiers: Arc::clone(&current.tiers),
-            }));
+            self.update_exact(index, |exact| exact.extend(batch));
         }
         if let Some(tiers) = tiers {
             self.set_tiers(tiers);
@@ -274,7 +275,7 @@ impl PolicyTable {
     pub fn remove_policy(&self, subject: &Subject) -> Option<Arc<Policy>> {
         let _keys = self.write();
         if subject.is_wildcard() {
-            let mut tiers = Tiers::clone(&self.shards[0].load().tiers);
+            let mut tiers = self.tiers();
             let pos = tiers.iter().position(|(k, _)| *k == subject.kind())?;
             let old = tiers.remove(pos).1.policy;
             self.set_tiers(tiers);
@@ -283,7 +284,9 @@ impl PolicyTable {
             if !self.shard(subject).exact.contains_key(subject) {
                 return None;
             }
-            self.update_exact(subject, |exact| exact.remove(subject).map(|r| r.policy))
+            self.update_exact(policy_shard(subject), |exact| {
+                exact.remove(subject).map(|r| r.policy)
+            })
         }
     }
 

@@ -297,14 +297,7 @@ impl Engine {
 
     /// Set a subject's policy.
     pub fn set_policy(&self, subject: &Subject, policy: Policy) {
-        if let Engine::Redis(r) = self {
-            if r.on_error == OnStoreError::Local {
-                r.fallback
-                    .limiter
-                    .set_policy(subject, policy.divided(u64::from(r.replicas)));
-            }
-        }
-        self.table().set_policy(subject, policy);
+        self.set_policies(vec![(subject.clone(), policy)]);
     }
 
     /// Set many policies at once (loading them at start or on a reload):

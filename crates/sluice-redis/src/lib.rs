@@ -536,6 +536,12 @@ impl RedisLimiter {
 
     /// Decide and, if allowed, take the amounts.
     pub async fn check(&self, request: &Request) -> Result<Timed<Decision>, StoreError> {
+        let (plan, a) = self.take(request, Take::Spend).await?;
+        Ok(timed_decision(&plan, request, a))
+    }
+
+    /// Plan the request and take its amounts (`Spend` or `Force`; no lease).
+    async fn take(&self, request: &Request, take: Take) -> Result<(Plan, Answer), StoreError> {
         let plan = self.table.plan(request);
         let a = self
             .store
@@ -543,29 +549,18 @@ impl RedisLimiter {
                 Time::Server,
                 &plan.subjects(),
                 &request.amounts,
-                Take::Spend,
+                take,
                 "",
                 "",
             )
             .await?;
-        Ok(timed_decision(&plan, request, a))
+        Ok((plan, a))
     }
 
     /// Take the amounts without deciding (past every limit: a request let
     /// through on purpose); the levels after.
     pub async fn force(&self, request: &Request) -> Result<Timed<Statuses>, StoreError> {
-        let plan = self.table.plan(request);
-        let a = self
-            .store
-            .acquire(
-                Time::Server,
-                &plan.subjects(),
-                &request.amounts,
-                Take::Force,
-                "",
-                "",
-            )
-            .await?;
+        let (plan, a) = self.take(request, Take::Force).await?;
         let now = a.now;
         let value = match a.outcome {
             Ok(acquired) => plan.statuses(&acquired.levels),
