@@ -191,8 +191,11 @@ fn resolve_webhooks(
 pub struct StoreDef {
     /// `"memory"` (default) or `"redis"`.
     pub kind: Option<String>,
-    /// `redis://` or `rediss://` URL (`SLUICE_REDIS_URL`).
-    pub url: Option<String>,
+    /// `redis://` or `rediss://` URL (`SLUICE_REDIS_URL`), or the nodes of
+    /// a Redis Cluster: a list, or URLs separated by commas.
+    pub url: Option<UrlDef>,
+    /// The URL is one node of a Redis Cluster (implied by a list).
+    pub cluster: Option<bool>,
     /// TLS: a PEM file of the CA certificates to trust (a private CA).
     pub tls_ca_file: Option<PathBuf>,
     /// Prefix of every key (default `"sluice:"`).
@@ -203,6 +206,41 @@ pub struct StoreDef {
     pub timeout_ms: Option<u64>,
     /// Replicas sharing the store: `local` mode divides each limit by it (default 1).
     pub replicas: Option<u32>,
+}
+
+/// `store.url`: one URL or a list of cluster nodes.
+#[derive(Debug, Clone)]
+pub enum UrlDef {
+    /// One URL (several separated by commas make a cluster).
+    One(String),
+    /// Cluster nodes.
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for UrlDef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UrlDef, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UrlDef;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a redis:// URL or a list of cluster node URLs")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UrlDef, E> {
+                Ok(UrlDef::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<UrlDef, A::Error> {
+                let mut nodes = Vec::new();
+                while let Some(n) = seq.next_element::<String>()? {
+                    nodes.push(n);
+                }
+                Ok(UrlDef::Many(nodes))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[database]` as written.
@@ -231,8 +269,10 @@ pub enum StoreConfig {
     Memory,
     /// In Redis.
     Redis {
-        /// URL.
+        /// URL (with `cluster`, the nodes separated by commas).
         url: String,
+        /// A Redis Cluster.
+        cluster: bool,
         /// Key prefix.
         key_prefix: String,
         /// On failure.
@@ -254,27 +294,52 @@ fn resolve_store(
     match kind {
         "memory" => Ok(StoreConfig::Memory),
         "redis" => {
-            let url = env("SLUICE_REDIS_URL")
+            let (nodes, listed): (Vec<String>, bool) = match env("SLUICE_REDIS_URL")
+                .map(UrlDef::One)
                 .or_else(|| def.url.clone())
-                .ok_or_else(|| {
-                    ConfigError::new(
+            {
+                None => {
+                    return Err(ConfigError::new(
                         "store.url",
                         "kind = \"redis\" needs a url (or SLUICE_REDIS_URL)",
-                    )
-                })?;
-            let tls = url.starts_with("rediss://") || url.starts_with("valkeys://");
-            if !(tls || url.starts_with("redis://") || url.starts_with("valkey://"))
-                || url.contains(',')
-                || url.contains(char::is_whitespace)
-            {
+                    ));
+                }
+                Some(UrlDef::One(u)) => {
+                    let nodes: Vec<String> = u.split(',').map(|n| n.trim().to_owned()).collect();
+                    let listed = nodes.len() > 1;
+                    (nodes, listed)
+                }
+                Some(UrlDef::Many(nodes)) => (nodes, true),
+            };
+            let cluster = listed || def.cluster.unwrap_or(false);
+            if nodes.is_empty() {
                 return Err(ConfigError::new(
                     "store.url",
-                    format!(
-                        "expected a redis:// or rediss:// URL, got {:?} (cluster node lists are not supported yet)",
-                        redact(&url)
-                    ),
+                    "a cluster needs at least one node URL",
                 ));
             }
+            let is_tls = |u: &str| u.starts_with("rediss://") || u.starts_with("valkeys://");
+            let tls = nodes.first().is_some_and(|u| is_tls(u));
+            for u in &nodes {
+                if !(is_tls(u) || u.starts_with("redis://") || u.starts_with("valkey://"))
+                    || u.contains(char::is_whitespace)
+                {
+                    return Err(ConfigError::new(
+                        "store.url",
+                        format!(
+                            "expected a redis:// or rediss:// URL (or a list of cluster nodes), got {:?}",
+                            redact(u)
+                        ),
+                    ));
+                }
+                if is_tls(u) != tls {
+                    return Err(ConfigError::new(
+                        "store.url",
+                        "cluster nodes must all use TLS (rediss://) or none",
+                    ));
+                }
+            }
+            let url = nodes.join(",");
             let tls_ca = match &def.tls_ca_file {
                 None => None,
                 Some(_) if !tls => {
@@ -340,6 +405,7 @@ fn resolve_store(
             }
             Ok(StoreConfig::Redis {
                 url,
+                cluster,
                 key_prefix,
                 on_error,
                 timeout: Duration::from_millis(timeout_ms),
@@ -1163,7 +1229,12 @@ mod tests {
             ("[store]\nkind = \"etcd\"".to_owned(), "store.kind"),
             (redis(""), "store.url"),
             (redis("url = \"http://127.0.0.1:6379\""), "store.url"),
-            (redis("url = \"redis://a:1,redis://b:2\""), "store.url"),
+            (redis("url = \"redis://a:1,http://b:2\""), "store.url"),
+            (redis("url = []"), "store.url"),
+            (
+                redis("url = [\"redis://a:1\", \"rediss://b:2\"]"),
+                "store.url",
+            ),
             (
                 redis("url = \"redis://h\"\ntls_ca_file = \"/etc/hosts\""),
                 "store.tls_ca_file",
@@ -1224,6 +1295,33 @@ mod tests {
             StoreConfig::Memory => panic!("not redis"),
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_list_of_nodes_is_a_redis_cluster() {
+        let redis = |rest: &str| format!("[store]\nkind = \"redis\"\n{rest}");
+        for (text, want_url, want_cluster) in [
+            ("url = \"redis://h:1\"", "redis://h:1", false),
+            ("url = \"redis://h:1\"\ncluster = true", "redis://h:1", true),
+            ("url = [\"redis://h:1\"]", "redis://h:1", true),
+            (
+                "url = [\"redis://a:1\", \"redis://b:2\"]",
+                "redis://a:1,redis://b:2",
+                true,
+            ),
+            (
+                "url = \"redis://a:1, redis://b:2\"",
+                "redis://a:1,redis://b:2",
+                true,
+            ),
+        ] {
+            match parse(&redis(text)).unwrap().store {
+                StoreConfig::Redis { url, cluster, .. } => {
+                    assert_eq!((url.as_str(), cluster), (want_url, want_cluster), "{text}");
+                }
+                StoreConfig::Memory => panic!("not redis"),
+            }
+        }
     }
 
     #[test]

@@ -254,6 +254,7 @@ impl Engine {
             StoreConfig::Memory => Ok(Engine::Memory(memory(clock, default_lease, max_lease))),
             StoreConfig::Redis {
                 url,
+                cluster,
                 key_prefix,
                 on_error,
                 timeout,
@@ -263,6 +264,7 @@ impl Engine {
                 let store = RedisStore::open(
                     &RedisConfig {
                         url: url.clone(),
+                        cluster: *cluster,
                         tls_ca: tls_ca.clone(),
                         key_prefix: key_prefix.clone(),
                         timeout: *timeout,

@@ -18,8 +18,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod cluster;
+
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use sluice_core::{
     Acquired, Admit, Amounts, Clock, Decision, Denial, ExpiredReservation, HeldAmount, Hold, Level,
     Metric, Overshoot, Plan, PlanSubject, PolicyTable, Refusal, Request, Reservation,
@@ -104,20 +107,37 @@ pub enum Settled {
 #[derive(Debug, Clone)]
 struct Keys {
     prefix: String,
-    leases: String,
-    expiries: String,
-    seq: String,
-    expired: String,
+    /// Lease registries: `[leases, expiries, id counter, expired]`; one
+    /// without a cluster, [`cluster::SHARDS`] (each in its own slot) with one.
+    registries: Vec<[String; 4]>,
+}
+
+/// A connection: one server (multiplexed, reconnects by itself) or a
+/// cluster (multiplexed per node, follows the slot map; connected on first use).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(Arc<LazyCluster>),
+}
+
+struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    timeout: Duration,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
 }
 
 /// The Redis limit store: a multiplexed connection (concurrent calls are
 /// pipelined on it) that reconnects by itself, and the script.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     script: Arc<redis::Script>,
     keys: Arc<Keys>,
     clock: Arc<dyn Clock>,
+    /// Round-robin over the cluster's lease registries.
+    next_shard: Arc<std::sync::atomic::AtomicUsize>,
+    /// The call timeout.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -131,8 +151,12 @@ impl std::fmt::Debug for RedisStore {
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://`, `valkey://`, or with TLS `rediss://`, `valkeys://`.
+    /// `redis://`, `valkey://`, or with TLS `rediss://`, `valkeys://`; with
+    /// `cluster`, one or more nodes of the cluster, comma-separated.
     pub url: String,
+    /// A Redis Cluster: requests whose subjects live in several slots are
+    /// taken slot by slot (see ARCHITECTURE.md).
+    pub cluster: bool,
     /// For TLS: PEM certificates to trust instead of the system's roots and
     /// the bundled Mozilla roots (a private CA).
     pub tls_ca: Option<Vec<u8>>,
@@ -148,6 +172,49 @@ impl RedisStore {
     /// `clock` is the replica's clock, used only to compute calendar window
     /// ends around now; decisions use the server's time.
     pub fn open(config: &RedisConfig, clock: Arc<dyn Clock>) -> Result<RedisStore, StoreError> {
+        let p = &config.key_prefix;
+        if config.cluster {
+            let nodes: Vec<&str> = config.url.split(',').map(str::trim).collect();
+            let mut builder = redis::cluster::ClusterClient::builder(nodes)
+                .response_timeout(config.timeout)
+                .connection_timeout(config.timeout)
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(200);
+            if let Some(ca) = &config.tls_ca {
+                builder = builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                });
+            }
+            let client = builder.build()?;
+            let registries = (0..cluster::SHARDS)
+                .map(|n| {
+                    let tag = format!("{p}{{leases:{n}}}");
+                    [
+                        format!("{tag}leases"),
+                        format!("{tag}lease_expiries"),
+                        format!("{tag}lease_seq"),
+                        format!("{tag}expired"),
+                    ]
+                })
+                .collect();
+            return Ok(RedisStore {
+                conn: Conn::Cluster(Arc::new(LazyCluster {
+                    client,
+                    timeout: config.timeout,
+                    conn: tokio::sync::OnceCell::new(),
+                })),
+                script: Arc::new(redis::Script::new(LUA)),
+                keys: Arc::new(Keys {
+                    prefix: p.clone(),
+                    registries,
+                }),
+                clock,
+                next_shard: Arc::default(),
+                timeout: config.timeout,
+            });
+        }
         let client = match &config.tls_ca {
             Some(ca) => redis::Client::build_with_tls(
                 config.url.as_str(),
@@ -164,19 +231,27 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, manager)?;
-        let p = &config.key_prefix;
         Ok(RedisStore {
-            conn,
+            conn: Conn::Single(conn),
             script: Arc::new(redis::Script::new(LUA)),
             keys: Arc::new(Keys {
                 prefix: p.clone(),
-                leases: format!("{p}leases"),
-                expiries: format!("{p}lease_expiries"),
-                seq: format!("{p}lease_seq"),
-                expired: format!("{p}expired"),
+                registries: vec![[
+                    format!("{p}leases"),
+                    format!("{p}lease_expiries"),
+                    format!("{p}lease_seq"),
+                    format!("{p}expired"),
+                ]],
             }),
             clock,
+            next_shard: Arc::default(),
+            timeout: config.timeout,
         })
+    }
+
+    /// Whether this store is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     /// The key prefix.
@@ -184,23 +259,47 @@ impl RedisStore {
         &self.keys.prefix
     }
 
-    /// A connection handle (shared, multiplexed) for other commands.
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// A call of the script's `op` at `time`, with no keys yet.
+    fn call(&self, op: &str, time: Time) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(op).arg(match time {
+            Time::Server => String::new(),
+            Time::At(ns) => format!("{} {}", ns / 1_000_000_000, ns % 1_000_000_000),
+        });
+        inv
     }
 
-    fn invocation(&self, op: &str, time: Time) -> redis::ScriptInvocation<'_> {
-        let mut inv = self.script.prepare_invoke();
-        inv.key(&self.keys.leases)
-            .key(&self.keys.expiries)
-            .key(&self.keys.seq)
-            .key(&self.keys.expired)
-            .arg(op)
-            .arg(match time {
-                Time::Server => String::new(),
-                Time::At(ns) => format!("{} {}", ns / 1_000_000_000, ns % 1_000_000_000),
-            });
+    /// A call of `op` on lease registry `shard` (its four keys first).
+    fn registry_call(&self, op: &str, time: Time, shard: usize) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.call(op, time);
+        if let Some(keys) = self.keys.registries.get(shard) {
+            for k in keys {
+                inv.key(k);
+            }
+        }
         inv
+    }
+
+    /// Run a script call (loading the script where it is missing).
+    async fn eval(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        Ok(match &self.conn {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await?,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.connection().await?).await?,
+        })
+    }
+
+    /// The key of a subject's state hash.
+    fn subject_key(&self, subject: &Subject) -> String {
+        format!("{}{{{}}}", self.keys.prefix, subject.as_str())
+    }
+
+    /// When calendar windows are computed from.
+    fn around(&self, time: Time) -> u64 {
+        match time {
+            Time::At(ns) => ns,
+            Time::Server => self.clock.now().as_nanos(),
+        }
+        .saturating_sub(SKEW)
     }
 
     /// Decide every limit of `plan` for `amounts`; if all fit, take them
@@ -241,7 +340,10 @@ impl RedisStore {
         owner: &str,
         meta: &str,
     ) -> Result<Answer, StoreError> {
-        let mut inv = self.invocation(op, time);
+        if self.is_cluster() {
+            return cluster::decide(self, op, time, plan, amounts, take, owner, meta).await;
+        }
+        let mut inv = self.registry_call(op, time, 0);
         let (hold, lease) = match take {
             Take::Spend => ("spend", 0),
             Take::Force => ("force", 0),
@@ -252,45 +354,12 @@ impl RedisStore {
             .arg(owner)
             .arg(meta)
             .arg(plan.len());
-        let around = match time {
-            Time::At(ns) => ns,
-            Time::Server => self.clock.now().as_nanos(),
-        }
-        .saturating_sub(SKEW);
+        let around = self.around(time);
         for p in plan {
-            inv.key(format!("{}{{{}}}", self.keys.prefix, p.subject.as_str()));
-            inv.arg(p.subject.as_str()).arg(p.limits.len());
-            for pl in p.limits {
-                let limit = &pl.limit;
-                let (algo, window, param, ends) = match limit.shape() {
-                    Shape::Sliding {
-                        window,
-                        granularity,
-                    } => ("s", window, granularity, String::new()),
-                    Shape::Gcra { window, burst } => ("g", window, burst, String::new()),
-                    Shape::Fixed => {
-                        let e0 = limit.fixed_window_end(around);
-                        let e1 = limit.fixed_window_end(e0);
-                        let e2 = limit.fixed_window_end(e1);
-                        let e3 = limit.fixed_window_end(e2);
-                        ("f", 0, 0, format!("{e0},{e1},{e2},{e3}"))
-                    }
-                };
-                let metric = limit.metric();
-                inv.arg(limit.state_name())
-                    .arg(algo)
-                    .arg(window)
-                    .arg(limit.limit())
-                    .arg(param)
-                    .arg(metric_index(metric))
-                    .arg(metric.name())
-                    .arg(limit.window().to_string())
-                    .arg(ends)
-                    .arg(amounts.get(metric));
-            }
+            inv.key(self.subject_key(p.subject));
+            push_subject(&mut inv, p, amounts, around);
         }
-        let mut conn = self.conn.clone();
-        let value: Value = inv.invoke_async(&mut conn).await?;
+        let value = self.eval(&inv).await?;
         parse_decision(value, plan)
     }
 
@@ -304,7 +373,10 @@ impl RedisStore {
         owner: &str,
         actual: Option<&Amounts>,
     ) -> Result<Settled, StoreError> {
-        let mut inv = self.invocation("settle", time);
+        if self.is_cluster() {
+            return cluster::settle(self, time, id, owner, actual).await;
+        }
+        let mut inv = self.registry_call("settle", time, 0);
         inv.arg(id.0).arg(owner).arg(if actual.is_some() {
             "commit"
         } else {
@@ -313,9 +385,7 @@ impl RedisStore {
         for m in Metric::ALL {
             inv.arg(actual.map_or(0, |a| a.get(m)));
         }
-        let mut conn = self.conn.clone();
-        let value: Value = inv.invoke_async(&mut conn).await?;
-        let items = array(value)?;
+        let items = array(self.eval(&inv).await?)?;
         let kind = text(items.first())?;
         Ok(match kind.as_str() {
             "unknown" => Settled::Unknown,
@@ -326,19 +396,9 @@ impl RedisStore {
             },
             "ok" => {
                 let meta = text(items.get(2))?;
-                let mut settlement = Settlement::default();
-                for o in items.get(3..).unwrap_or_default().chunks(5) {
-                    let [subject, metric, window, limit, used] = o else {
-                        return Err(protocol("overshoot"));
-                    };
-                    settlement.overshoot.push(Overshoot {
-                        subject: parse_subject(subject)?,
-                        metric: parse_metric(&text(Some(metric))?)?,
-                        window: parse_window(window)?,
-                        limit: int(Some(limit))?,
-                        used: int(Some(used))?,
-                    });
-                }
+                let settlement = Settlement {
+                    overshoot: parse_overshoot(items.get(3..).unwrap_or_default())?,
+                };
                 Settled::Done { settlement, meta }
             }
             other => return Err(protocol(other)),
@@ -351,10 +411,11 @@ impl RedisStore {
         &self,
         time: Time,
     ) -> Result<Vec<(ExpiredReservation, String)>, StoreError> {
-        let inv = self.invocation("expire", time);
-        let mut conn = self.conn.clone();
-        let value: Value = inv.invoke_async(&mut conn).await?;
-        let items = array(value)?;
+        if self.is_cluster() {
+            return cluster::expire(self, time).await;
+        }
+        let inv = self.registry_call("expire", time, 0);
+        let items = array(self.eval(&inv).await?)?;
         let mut out = Vec::new();
         let mut i = 1;
         while i < items.len() {
@@ -363,16 +424,9 @@ impl RedisStore {
             let meta = text(items.get(i + 2))?;
             let n = usize::try_from(int(items.get(i + 3))?).map_err(|_| protocol("count"))?;
             i += 4;
-            let mut held = Vec::with_capacity(n);
-            for _ in 0..n {
-                held.push(HeldAmount {
-                    subject: parse_subject(items.get(i).ok_or_else(|| protocol("held"))?)?,
-                    metric: parse_metric(&text(items.get(i + 1))?)?,
-                    window: parse_window(items.get(i + 2).ok_or_else(|| protocol("held"))?)?,
-                    amount: int(items.get(i + 3))?,
-                });
-                i += 4;
-            }
+            let end = i + 4 * n;
+            let held = parse_held(items.get(i..end).ok_or_else(|| protocol("held"))?)?;
+            i = end;
             out.push((
                 ExpiredReservation {
                     id,
@@ -388,18 +442,120 @@ impl RedisStore {
 
     /// Reservations not yet settled.
     pub async fn outstanding(&self) -> Result<usize, StoreError> {
-        let inv = self.invocation("outstanding", Time::Server);
-        let mut conn = self.conn.clone();
-        let value: Value = inv.invoke_async(&mut conn).await?;
-        usize::try_from(int(Some(&value))?).map_err(|_| protocol("outstanding"))
+        let mut total = 0;
+        for shard in 0..self.keys.registries.len() {
+            let inv = self.registry_call("outstanding", Time::Server, shard);
+            let n = int(Some(&self.eval(&inv).await?))?;
+            total += usize::try_from(n).map_err(|_| protocol("outstanding"))?;
+        }
+        Ok(total)
     }
 
-    /// Round trip to Redis (for health checks).
+    /// Round trip to Redis (for health checks; every primary of a cluster).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
+        let _: Value = match &self.conn {
+            Conn::Single(c) => redis::cmd("PING").query_async(&mut c.clone()).await?,
+            Conn::Cluster(c) => {
+                redis::cmd("PING")
+                    .query_async(&mut c.connection().await?)
+                    .await?
+            }
+        };
         Ok(())
     }
+}
+
+impl LazyCluster {
+    /// The connection, made on first use (a failed attempt is retried by
+    /// the next call).
+    async fn connection(&self) -> Result<ClusterConnection, StoreError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(self.timeout, self.client.get_async_connection()).await {
+                    Ok(r) => r.map_err(StoreError::from),
+                    Err(_) => Err(protocol("cluster: connecting timed out")),
+                }
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+}
+
+/// One subject's arguments: its name, limit count, then per limit the nine
+/// spec fields and the amount (its key is the caller's).
+fn push_subject(
+    inv: &mut redis::ScriptInvocation<'_>,
+    p: &PlanSubject<'_>,
+    amounts: &Amounts,
+    around: u64,
+) {
+    inv.arg(p.subject.as_str()).arg(p.limits.len());
+    for pl in p.limits {
+        let limit = &pl.limit;
+        let (algo, window, param, ends) = match limit.shape() {
+            Shape::Sliding {
+                window,
+                granularity,
+            } => ("s", window, granularity, String::new()),
+            Shape::Gcra { window, burst } => ("g", window, burst, String::new()),
+            Shape::Fixed => {
+                let e0 = limit.fixed_window_end(around);
+                let e1 = limit.fixed_window_end(e0);
+                let e2 = limit.fixed_window_end(e1);
+                let e3 = limit.fixed_window_end(e2);
+                ("f", 0, 0, format!("{e0},{e1},{e2},{e3}"))
+            }
+        };
+        let metric = limit.metric();
+        inv.arg(limit.state_name())
+            .arg(algo)
+            .arg(window)
+            .arg(limit.limit())
+            .arg(param)
+            .arg(metric_index(metric))
+            .arg(metric.name())
+            .arg(limit.window().to_string())
+            .arg(ends)
+            .arg(amounts.get(metric));
+    }
+}
+
+/// Overshoot records: (subject, metric, window, limit, used) ...
+fn parse_overshoot(items: &[Value]) -> Result<Vec<Overshoot>, StoreError> {
+    items
+        .chunks(5)
+        .map(|o| {
+            let [subject, metric, window, limit, used] = o else {
+                return Err(protocol("overshoot"));
+            };
+            Ok(Overshoot {
+                subject: parse_subject(subject)?,
+                metric: parse_metric(&text(Some(metric))?)?,
+                window: parse_window(window)?,
+                limit: int(Some(limit))?,
+                used: int(Some(used))?,
+            })
+        })
+        .collect()
+}
+
+/// Held amounts: (subject, metric, window, amount) ...
+fn parse_held(items: &[Value]) -> Result<Vec<HeldAmount>, StoreError> {
+    items
+        .chunks(4)
+        .map(|h| {
+            let [subject, metric, window, amount] = h else {
+                return Err(protocol("held"));
+            };
+            Ok(HeldAmount {
+                subject: parse_subject(subject)?,
+                metric: parse_metric(&text(Some(metric))?)?,
+                window: parse_window(window)?,
+                amount: int(Some(amount))?,
+            })
+        })
+        .collect()
 }
 
 fn metric_index(m: Metric) -> usize {

@@ -14,6 +14,7 @@
 -- KEYS: 1 leases (hash id -> lease), 2 lease expiries (zset, ms),
 --       3 lease id counter, 4 settled-by-expiry ids (zset, ms),
 --       5.. one hash per subject (field: limit state name -> state).
+--       (The cluster ops at the end declare their own keys.)
 -- ARGV: 1 op, 2 time ("" = server time, else "SECONDS NANOS"), then per op.
 
 local op = ARGV[1]
@@ -353,75 +354,123 @@ end
 
 local function lease_key_ms(s, n) return s * 1000 + math.floor(n / 1000000) end
 
-if op == 'acquire' or op == 'peek' then
-  -- ARGV: 3 hold (spend|force|lease), 4 lease ns, 5 owner, 6 meta, 7 subjects,
-  -- then per subject: its name, its limit count, per limit 9 spec fields + amount.
-  local hold, lease_ns, owner, meta = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
-  local plan, i = {}, 8
-  for si = 1, tonumber(ARGV[7]) do
+-- a plan from ARGV[i..]: `n` subjects, subject `si`'s hash is KEYS[base + si]
+local function read_plan(i, n, base)
+  local plan = {}
+  for si = 1, n do
     local subj = { name = ARGV[i], limits = {} }
-    local n = tonumber(ARGV[i + 1])
+    local c = tonumber(ARGV[i + 1])
     i = i + 2
-    for _ = 1, n do
-      local l = read_limit(ARGV, i, KEYS[4 + si])
+    for _ = 1, c do
+      local l = read_limit(ARGV, i, KEYS[base + si])
       l.amount = tonumber(ARGV[i + 9])
       subj.limits[#subj.limits + 1] = l
       i = i + 10
     end
     plan[#plan + 1] = subj
   end
-  -- decide
-  if hold ~= 'force' then
-    local worst, worst_at, worst_i = nil, nil, nil
-    local flat = 0
-    for _, subj in ipairs(plan) do
-      for _, l in ipairs(subj.limits) do
-        flat = flat + 1
-        if l.amount > 0 then
-          local a
-          if l.amount > capacity(l) then a = -1 else a = admit(l, state(l), l.amount) end
-          if a ~= 0 then
-            if worst == nil then worst, worst_i = a, flat; if a ~= -1 then worst_at = a[1] end
-            elseif a == -1 and worst ~= -1 then worst, worst_i = -1, flat
-            elseif a ~= -1 and worst ~= -1 and a[1] > worst_at then worst, worst_at, worst_i = a, a[1], flat end
-          end
+  return plan
+end
+
+-- nil when every limit fits, else the refusal reply (the latest admit wins,
+-- "never" over any time)
+local function refusal(plan)
+  local worst, worst_at, worst_i = nil, nil, nil
+  local flat = 0
+  for _, subj in ipairs(plan) do
+    for _, l in ipairs(subj.limits) do
+      flat = flat + 1
+      if l.amount > 0 then
+        local a
+        if l.amount > capacity(l) then a = -1 else a = admit(l, state(l), l.amount) end
+        if a ~= 0 then
+          if worst == nil then worst, worst_i = a, flat; if a ~= -1 then worst_at = a[1] end
+          elseif a == -1 and worst ~= -1 then worst, worst_i = -1, flat
+          elseif a ~= -1 and worst ~= -1 and a[1] > worst_at then worst, worst_at, worst_i = a, a[1], flat end
         end
       end
     end
-    if worst ~= nil then
-      if worst == -1 then return { 0, NOW_TEXT, worst_i, 'never', '' } end
-      return { 0, NOW_TEXT, worst_i, 'at', rtext(worst_at) }
-    end
   end
+  if worst == nil then return nil end
+  if worst == -1 then return { 0, NOW_TEXT, worst_i, 'never', '' } end
+  return { 0, NOW_TEXT, worst_i, 'at', rtext(worst_at) }
+end
+
+-- charge the plan's amounts (when `charging`) and return the reply
+-- {1, now, 0, levels...} and, per subject, the items that locate what was
+-- held (when `recording`): {key, field, algo, W, L, p, mi, metric, window,
+-- ends, subject, amount, mark}
+local function take(plan, charging, recording)
   local out = { 1, NOW_TEXT, 0 }
   local items = {}
-  for _, subj in ipairs(plan) do
+  for si, subj in ipairs(plan) do
+    local its = {}
     local any = false
     for _, l in ipairs(subj.limits) do if l.amount > 0 then any = true end end
     for _, l in ipairs(subj.limits) do
       local st = state(l)
-      if op == 'acquire' and l.amount > 0 then
+      if charging and l.amount > 0 then
         local mark = charge(l, st, l.amount)
         touch(l)
-        if hold == 'lease' then
-          items[#items + 1] = { l.key, l.field, l.algo, l.W, l.L, l.p, l.mi, l.metric, l.window, l.ends, subj.name, l.amount, mark }
+        if recording then
+          its[#its + 1] = { l.key, l.field, l.algo, l.W, l.L, l.p, l.mi, l.metric, l.window, l.ends, subj.name, l.amount, mark }
         end
-      elseif op == 'acquire' and any and hold == 'lease' then
-        items[#items + 1] = { l.key, l.field, l.algo, l.W, l.L, l.p, l.mi, l.metric, l.window, l.ends, subj.name, 0, '' }
+      elseif charging and any and recording then
+        its[#its + 1] = { l.key, l.field, l.algo, l.W, l.L, l.p, l.mi, l.metric, l.window, l.ends, subj.name, 0, '' }
       end
       local used, remaining, reset = level(l, st)
       out[#out + 1] = used; out[#out + 1] = remaining; out[#out + 1] = rtext(reset)
     end
+    items[si] = its
   end
-  if op == 'acquire' then
-    flush()
-    if hold == 'lease' then
-      local id = redis.call('INCR', KEYS[3])
-      local es, en = abs(lease_ns)
-      redis.call('HSET', KEYS[1], id, cmsgpack.pack({ es, en, owner, meta, items }))
-      redis.call('ZADD', KEYS[2], lease_key_ms(es, en), id)
-      out[3] = id
+  if charging then flush() end
+  return out, items
+end
+
+-- settle one held item at `actual`; overshoot appended to `out`
+local function settle_item(it, actual, out)
+  local l = {
+    key = it[1], field = it[2], algo = it[3], W = it[4], L = it[5], p = it[6],
+    mi = it[7], metric = it[8], window = it[9], ends = it[10],
+  }
+  local held, mark = it[12], it[13]
+  if actual < held then
+    if redis.call('HEXISTS', l.key, l.field) == 1 then
+      refund(l, state(l), mark, held - actual)
+      touch(l)
     end
+  elseif actual > held then
+    local st = state(l)
+    charge(l, st, actual - held)
+    touch(l)
+    local used = level(l, st)
+    if used > l.L then
+      out[#out + 1] = it[11]; out[#out + 1] = l.metric; out[#out + 1] = l.window
+      out[#out + 1] = l.L; out[#out + 1] = used
+    end
+  end
+end
+
+if op == 'acquire' or op == 'peek' then
+  -- ARGV: 3 hold (spend|force|lease), 4 lease ns, 5 owner, 6 meta, 7 subjects,
+  -- then per subject: its name, its limit count, per limit 9 spec fields + amount.
+  local hold, lease_ns, owner, meta = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+  local plan = read_plan(8, tonumber(ARGV[7]), 4)
+  if hold ~= 'force' then
+    local r = refusal(plan)
+    if r then return r end
+  end
+  local out, items = take(plan, op == 'acquire', hold == 'lease')
+  if op == 'acquire' and hold == 'lease' then
+    local flat = {}
+    for _, its in ipairs(items) do
+      for _, it in ipairs(its) do flat[#flat + 1] = it end
+    end
+    local id = redis.call('INCR', KEYS[3])
+    local es, en = abs(lease_ns)
+    redis.call('HSET', KEYS[1], id, cmsgpack.pack({ es, en, owner, meta, flat }))
+    redis.call('ZADD', KEYS[2], lease_key_ms(es, en), id)
+    out[3] = id
   end
   return out
 end
@@ -448,28 +497,9 @@ if op == 'settle' then
   end
   local out = { 'ok', NOW_TEXT, lease[4] }
   for _, it in ipairs(lease[5]) do
-    local l = {
-      key = it[1], field = it[2], algo = it[3], W = it[4], L = it[5], p = it[6],
-      mi = it[7], metric = it[8], window = it[9], ends = it[10],
-    }
-    local held, mark = it[12], it[13]
     local actual = 0
-    if ARGV[5] == 'commit' then actual = tonumber(ARGV[6 + l.mi]) end
-    if actual < held then
-      if redis.call('HEXISTS', l.key, l.field) == 1 then
-        refund(l, state(l), mark, held - actual)
-        touch(l)
-      end
-    elseif actual > held then
-      local st = state(l)
-      charge(l, st, actual - held)
-      touch(l)
-      local used = level(l, st)
-      if used > l.L then
-        out[#out + 1] = it[11]; out[#out + 1] = l.metric; out[#out + 1] = l.window
-        out[#out + 1] = l.L; out[#out + 1] = used
-      end
-    end
+    if ARGV[5] == 'commit' then actual = tonumber(ARGV[6 + it[7]]) end
+    settle_item(it, actual, out)
   end
   flush()
   return out
@@ -504,6 +534,165 @@ if op == 'expire' then
     end
   end
   -- settled-by-expiry ids are remembered for a day (to answer 409, not 404)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', lease_key_ms(NS, NN) - 86400000)
+  return out
+end
+
+-- Redis Cluster ------------------------------------------------------------------
+-- A script may touch only keys of one slot, so a request whose subjects live
+-- in several slots is taken slot by slot (ARCHITECTURE.md, "Redis Cluster"):
+-- `c_hold` decides and charges one slot's subjects and leaves, per subject, a
+-- marker key `PREFIX{subject}h:ID` (same slot, with a TTL) recording what it
+-- took; `c_settle` refunds, charges or finalizes by marker, exactly once
+-- (the marker is deleted). Lease records live in registry shards
+-- (`PREFIX{leases:N}...`, KEYS 1-4 as above) and are claimed with a token
+-- and a timeout before their slots are settled, so a replica that dies
+-- mid-settle leaves work the expiry pass finishes, never counts twice.
+
+if op == 'c_hold' then
+  -- KEYS: k subject hashes, then (mode 'mark') their k marker keys.
+  -- ARGV: 3 mode (peek|spend|force|mark), 4 marker TTL ns, 5 k, then the plan.
+  local mode, k = ARGV[3], tonumber(ARGV[5])
+  local plan = read_plan(6, k, 0)
+  if mode == 'mark' and redis.call('EXISTS', KEYS[k + 1]) == 1 then
+    -- a retried call whose first try was applied: already held
+    return (take(plan, false, false))
+  end
+  if mode ~= 'force' then
+    local r = refusal(plan)
+    if r then return r end
+  end
+  if mode == 'peek' then return (take(plan, false, false)) end
+  local out, items = take(plan, true, mode == 'mark')
+  if mode == 'mark' then
+    local px = math.max(math.ceil(tonumber(ARGV[4]) / 1000000), 1)
+    local acc, order = {}, {}
+    for si = 1, k do
+      local mk = KEYS[k + si]
+      if not acc[mk] then acc[mk] = {}; order[#order + 1] = mk end
+      for _, it in ipairs(items[si]) do table.insert(acc[mk], it) end
+    end
+    for _, mk in ipairs(order) do
+      redis.call('SET', mk, cmsgpack.pack(acc[mk]), 'PX', px)
+    end
+  end
+  return out
+end
+
+if op == 'c_settle' then
+  -- KEYS: k marker keys, then their k subject hashes.
+  -- ARGV: 3 commit|release|finalize, 4.. actual amount per metric index.
+  -- -> {now, markers found, then for commit: overshoot (subject, metric,
+  --     window, limit, used) ...; for finalize: what was held (subject,
+  --     metric, window, amount) ...}
+  local mode = ARGV[3]
+  local out = { NOW_TEXT, 0 }
+  for si = 1, #KEYS / 2 do
+    local raw = redis.call('GET', KEYS[si])
+    if raw then
+      redis.call('DEL', KEYS[si])
+      out[2] = out[2] + 1
+      for _, it in ipairs(cmsgpack.unpack(raw)) do
+        if mode == 'finalize' then
+          if it[12] > 0 then
+            out[#out + 1] = it[11]; out[#out + 1] = it[8]; out[#out + 1] = it[9]; out[#out + 1] = it[12]
+          end
+        else
+          local actual = 0
+          if mode == 'commit' then actual = tonumber(ARGV[4 + it[7]]) end
+          settle_item(it, actual, out)
+        end
+      end
+    end
+  end
+  flush()
+  return out
+end
+
+-- a lease record: {expires s, ns, owner, meta, subject keys (plan order),
+-- claim token ('open' while reserving), claim until s, ns}
+
+if op == 'c_open' then
+  -- ARGV: 3 lease ns, 4 owner, 5 meta, 6 shard, 7 shard count, 8 opening
+  -- claim ns (how long the reserve may take), 9.. subject keys -> {now, id}
+  -- The record is claimed by 'open' until the reserve is surely over, so the
+  -- expiry pass never finalizes a reservation whose slots are still being
+  -- held (settles ignore that claim: nobody has the id before it is over).
+  local keys = {}
+  for i = 9, #ARGV do keys[#keys + 1] = ARGV[i] end
+  local id = string.format('%d', redis.call('INCR', KEYS[3]) * tonumber(ARGV[7]) + tonumber(ARGV[6]))
+  local es, en = abs(tonumber(ARGV[3]))
+  local cs, cn = abs(tonumber(ARGV[8]))
+  redis.call('HSET', KEYS[1], id, cmsgpack.pack({ es, en, ARGV[4], ARGV[5], keys, 'open', cs, cn }))
+  redis.call('ZADD', KEYS[2], math.max(lease_key_ms(es, en), lease_key_ms(cs, cn)), id)
+  return { NOW_TEXT, id }
+end
+
+if op == 'c_claim' then
+  -- ARGV: 3 id, 4 owner ("" = any), 5 token, 6 claim ns
+  -- -> {'ok', now, meta, keys} (claimed: settle its slots, then c_close)
+  --  | {'expired', meta, keys} (ran out: settled at its held amounts; drop
+  --    its markers) | {'was_expired'} | {'unknown'} | {'forbidden'}
+  --  | {'busy'} (another settle of it is under way)
+  local id = ARGV[3]
+  local raw = redis.call('HGET', KEYS[1], id)
+  if not raw then
+    if redis.call('ZSCORE', KEYS[4], id) then return { 'was_expired' } end
+    return { 'unknown' }
+  end
+  local r = cmsgpack.unpack(raw)
+  if ARGV[4] ~= '' and r[3] ~= ARGV[4] then return { 'forbidden' } end
+  local expired = rel(r[1], r[2]) <= 0
+  if r[6] ~= 'open' and r[6] ~= ARGV[5] and rel(r[7], r[8]) > 0 then
+    -- claimed by another: an expiry pass reports it, a settle finishes it
+    if expired then return { 'was_expired' } end
+    return { 'busy' }
+  end
+  if expired then
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZADD', KEYS[4], lease_key_ms(NS, NN), id)
+    return { 'expired', r[4], r[5] }
+  end
+  local cs, cn = abs(tonumber(ARGV[6]))
+  r[6], r[7], r[8] = ARGV[5], cs, cn
+  redis.call('HSET', KEYS[1], id, cmsgpack.pack(r))
+  redis.call('ZADD', KEYS[2], math.max(lease_key_ms(r[1], r[2]), lease_key_ms(cs, cn)), id)
+  return { 'ok', NOW_TEXT, r[4], r[5] }
+end
+
+if op == 'c_close' then
+  -- ARGV: 3 id, 4 token ('open' = a refused reservation's), 5 settled|expired
+  -- -> 1, or 0 when another has claimed it since (our claim ran out)
+  local id = ARGV[3]
+  local raw = redis.call('HGET', KEYS[1], id)
+  if raw then
+    if cmsgpack.unpack(raw)[6] ~= ARGV[4] then return 0 end
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    if ARGV[5] == 'expired' then redis.call('ZADD', KEYS[4], lease_key_ms(NS, NN), id) end
+  end
+  return 1
+end
+
+if op == 'c_due' then
+  -- claim up to 100 records whose lease (or whose settle's claim) ran out
+  -- ARGV: 3 token, 4 claim ns -> {now, then per record: id, expires_at, meta, keys}
+  local out = { NOW_TEXT }
+  local cs, cn = abs(tonumber(ARGV[4]))
+  local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', lease_key_ms(NS, NN), 'LIMIT', 0, 100)
+  for _, id in ipairs(due) do
+    local raw = redis.call('HGET', KEYS[1], id)
+    if not raw then
+      redis.call('ZREM', KEYS[2], id)
+    else
+      local r = cmsgpack.unpack(raw)
+      r[6], r[7], r[8] = ARGV[3], cs, cn
+      redis.call('HSET', KEYS[1], id, cmsgpack.pack(r))
+      redis.call('ZADD', KEYS[2], lease_key_ms(cs, cn), id)
+      out[#out + 1] = id; out[#out + 1] = text(r[1], r[2]); out[#out + 1] = r[4]; out[#out + 1] = r[5]
+    end
+  end
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', lease_key_ms(NS, NN) - 86400000)
   return out
 end

@@ -51,6 +51,7 @@ fn store_factory(url: String, test: &'static str) -> impl Fn() -> BlockingRedisS
         let n = seq.fetch_add(1, Ordering::Relaxed);
         BlockingRedisStore::open(&RedisConfig {
             url: url.clone(),
+            cluster: false,
             tls_ca: None,
             key_prefix: format!("sluice-test:conf:{run}:{test}:{n}:"),
             timeout: Duration::from_secs(5),

@@ -147,6 +147,7 @@ fn rediss_with_a_private_ca() {
         let store = RedisStore::open(
             &RedisConfig {
                 url: format!("rediss://127.0.0.1:{port}"),
+                cluster: false,
                 tls_ca,
                 key_prefix: "sluice-test:tls:".to_owned(),
                 timeout: Duration::from_secs(5),

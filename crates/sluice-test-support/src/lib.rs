@@ -2,6 +2,7 @@
 //! here is a test failure, so panicking is the right answer.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod redis_cluster;
 pub mod upstream;
 
 use std::path::PathBuf;

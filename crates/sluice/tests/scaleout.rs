@@ -220,6 +220,131 @@ fn cleanup_redis(redis: &str, prefix: &str) {
         });
 }
 
+/// `job(i)` for every `i` below `n`, `conc` at a time.
+async fn spread<F, Fut>(n: u64, conc: usize, job: F)
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let job = Arc::new(job);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (job, next) = (job.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                job(i).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// `n` checks of `subjects`, `conc` at a time, round-robin over `urls`
+/// (any answer but 200 or 429 fails the test); how many were admitted.
+async fn checks(
+    http: &reqwest::Client,
+    urls: &[String],
+    subjects: Value,
+    n: u64,
+    conc: usize,
+) -> u64 {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let (http, urls, count) = (http.clone(), urls.to_vec(), admitted.clone());
+    spread(n, conc, move |i| {
+        let (http, subjects, count) = (http.clone(), subjects.clone(), count.clone());
+        let url = urls[(i % urls.len() as u64) as usize].clone();
+        async move {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{url}/v1/check"),
+                Some(json!({ "subjects": subjects })),
+            )
+            .await;
+            match status {
+                200 => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                429 => {}
+                other => panic!("check answered {other}: {body}"),
+            }
+        }
+    })
+    .await;
+    admitted.load(Ordering::Relaxed)
+}
+
+/// `n` reservations of $0.02 on `subjects`, `conc` at a time, round-robin
+/// over `urls`, each committed through the next replica at what it "really"
+/// cost (0 to the held amount); the µ$ committed.
+async fn reservations(
+    http: &reqwest::Client,
+    urls: &[String],
+    subjects: Value,
+    n: u64,
+    conc: usize,
+) -> u64 {
+    let committed = Arc::new(AtomicU64::new(0));
+    let (http, urls, total) = (http.clone(), urls.to_vec(), committed.clone());
+    spread(n, conc, move |i| {
+        let (http, subjects, total) = (http.clone(), subjects.clone(), total.clone());
+        let r = urls.len() as u64;
+        let url = urls[(i % r) as usize].clone();
+        // Settled through another replica than the one that reserved.
+        let other = urls[((i + 1) % r) as usize].clone();
+        async move {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{url}/v1/reserve"),
+                Some(json!({"subjects": subjects, "amounts": {"cost_usd": 0.02}})),
+            )
+            .await;
+            if status == 429 {
+                return;
+            }
+            assert_eq!(status, 200, "{body}");
+            let id = body["reservation_id"].as_str().unwrap().to_owned();
+            let actual_micros = (i * 7_919) % 20_001;
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{other}/v1/reservations/{id}/commit"),
+                Some(json!({"amounts": {"cost_usd": actual_micros as f64 / 1e6}})),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            total.fetch_add(actual_micros, Ordering::Relaxed);
+        }
+    })
+    .await;
+    committed.load(Ordering::Relaxed)
+}
+
+/// Stop the replicas (flushing their ledgers), then add the ledger up: the
+/// checks admitted for `user:alice` and the µ$ committed on `team:budget`.
+fn stop_and_add_up(replicas: Vec<Serve>, db: &Database, alice_checks: i64, committed_micros: u64) {
+    for r in replicas {
+        let (status, _) = r.terminate();
+        assert!(status.success());
+    }
+    let ledger_requests = db.scalar(
+        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM ledger WHERE kind = 'check' AND subjects LIKE '%user:alice%'",
+    );
+    assert_eq!(ledger_requests, alice_checks);
+    let ledger_cost = db.scalar(
+        "SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM ledger WHERE kind = 'commit' AND subjects LIKE '%team:budget%'",
+    );
+    assert_eq!(ledger_cost as u64, committed_micros);
+}
+
 /// Three replicas, one Redis, one PostgreSQL: 2,000 concurrent checks spread
 /// across them against 200 per hour admit exactly 200; concurrent
 /// reservations against a $2 daily budget never overspend it; the ledger in
@@ -270,82 +395,10 @@ fn three_replicas_share_exact_limits() {
             .build()
             .unwrap();
         // 2,000 checks, 64 at a time, round-robin over the replicas.
-        let admitted = Arc::new(AtomicU64::new(0));
-        let next = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..64 {
-            let (http, urls, admitted, next) =
-                (http.clone(), urls.clone(), admitted.clone(), next.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= 2_000 {
-                        break;
-                    }
-                    let url = &urls[(i % 3) as usize];
-                    let (status, body) = check_subject(&http, url, "user:alice").await;
-                    match status {
-                        200 => {
-                            admitted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        429 => {}
-                        other => panic!("check answered {other}: {body}"),
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        // 300 reservations of up to $0.02 each against $2/day, committed at
-        // what they "really" cost (0 to the held amount).
-        let committed = Arc::new(AtomicU64::new(0));
-        let next = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..32 {
-            let (http, urls, committed, next) =
-                (http.clone(), urls.clone(), committed.clone(), next.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= 300 {
-                        break;
-                    }
-                    let url = &urls[(i % 3) as usize];
-                    let (status, body) = send(
-                        &http,
-                        reqwest::Method::POST,
-                        &format!("{url}/v1/reserve"),
-                        Some(json!({"subjects": ["team:budget"], "amounts": {"cost_usd": 0.02}})),
-                    )
-                    .await;
-                    if status == 429 {
-                        continue;
-                    }
-                    assert_eq!(status, 200, "{body}");
-                    let id = body["reservation_id"].as_str().unwrap().to_owned();
-                    let actual_micros = (i * 7_919) % 20_001;
-                    // Settled through another replica than the one that reserved.
-                    let other = &urls[((i + 1) % 3) as usize];
-                    let (status, body) = send(
-                        &http,
-                        reqwest::Method::POST,
-                        &format!("{other}/v1/reservations/{id}/commit"),
-                        Some(json!({"amounts": {"cost_usd": actual_micros as f64 / 1e6}})),
-                    )
-                    .await;
-                    assert_eq!(status, 200, "{body}");
-                    committed.fetch_add(actual_micros, Ordering::Relaxed);
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        (
-            admitted.load(Ordering::Relaxed),
-            committed.load(Ordering::Relaxed),
-        )
+        let admitted = checks(&http, &urls, json!(["user:alice"]), 2_000, 64).await;
+        // 300 reservations of up to $0.02 each against $2/day.
+        let committed = reservations(&http, &urls, json!(["team:budget"]), 300, 32).await;
+        (admitted, committed)
     });
     assert_eq!(
         admitted, 200,
@@ -407,19 +460,7 @@ fn three_replicas_share_exact_limits() {
         committed_micros,
         "{budget}"
     );
-    // Stop the replicas (flushing their ledgers), then add the ledger up.
-    for r in replicas {
-        let (status, _) = r.terminate();
-        assert!(status.success());
-    }
-    let ledger_requests = db.scalar(
-        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM ledger WHERE kind = 'check' AND subjects LIKE '%user:alice%'",
-    );
-    assert_eq!(ledger_requests, 200);
-    let ledger_cost = db.scalar(
-        "SELECT CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) FROM ledger WHERE kind = 'commit' AND subjects LIKE '%team:budget%'",
-    );
-    assert_eq!(ledger_cost as u64, committed_micros);
+    stop_and_add_up(replicas, &db, 200, committed_micros);
     cleanup_redis(&svc.redis, &prefix);
 }
 
@@ -1052,4 +1093,166 @@ fn postgres_outage_queues_the_ledger() {
         34
     );
     cleanup_redis(&svc.redis, &prefix);
+}
+
+/// Three replicas on a Redis Cluster (three nodes the test starts): checks
+/// naming two subjects on different nodes admit exactly the tighter limit
+/// and leave the other's count exact (its holds rolled back slot by slot);
+/// reservations across slots, settled through other replicas, never
+/// overspend; leases held by a replica killed with SIGKILL expire and are
+/// written to the ledger once; the ledger adds up to what the cluster counts.
+#[test]
+fn three_replicas_on_a_redis_cluster_share_exact_limits() {
+    let test = "three_replicas_on_a_redis_cluster_share_exact_limits";
+    let Some(svc) = services(test) else { return };
+    if !sluice_test_support::redis_cluster::cluster_tests_enabled(test) {
+        return;
+    }
+    let cluster = sluice_test_support::redis_cluster::RedisCluster::start(3);
+    let db = Database::create(&svc.postgres, "cluster");
+    let prefix = format!("sluice-test:{}:", unique("cluster"));
+    let node = |s: &str| cluster.keyslot(&format!("{prefix}{{{s}}}")) / 5462;
+    let other_node = |of: &str, kind: &str| {
+        (0..200)
+            .map(|i| format!("{kind}:c{i}"))
+            .find(|s| node(s) != node(of))
+            .unwrap()
+    };
+    let team = other_node("user:alice", "team");
+    let bob = other_node("team:budget", "user");
+    let dirs: Vec<(TempDir, PathBuf)> = (0..3)
+        .map(|i| {
+            let extra = if i == 0 {
+                "ledger_sync = \"always\""
+            } else {
+                ""
+            };
+            replica_dir(&cluster.urls(), &prefix, &db.url, extra)
+        })
+        .collect();
+    let replicas: Vec<Serve> = dirs.iter().map(|(d, c)| start(&d.0, c)).collect();
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let rt = rt();
+    let (admitted, committed_micros) = rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap();
+        for (subject, limit) in [
+            (
+                "user:alice",
+                json!({"metric": "requests", "limit": 200, "window": "1h"}),
+            ),
+            (
+                team.as_str(),
+                json!({"metric": "requests", "limit": 150, "window": "1h"}),
+            ),
+            (
+                "team:budget",
+                json!({"metric": "cost_usd", "limit": 2.0, "window": "day"}),
+            ),
+            (
+                bob.as_str(),
+                json!({"metric": "cost_usd", "limit": 100.0, "window": "day"}),
+            ),
+        ] {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::PUT,
+                &format!("{}/v1/policies/{subject}", urls[0]),
+                Some(json!({ "limits": [limit] })),
+            )
+            .await;
+            assert!(status < 300, "{status} {body}");
+        }
+        for (url, subject) in urls.iter().zip(["team:budget", "user:alice", bob.as_str()]) {
+            let (url, subject, http) = (url.clone(), subject.to_owned(), http.clone());
+            let seen = poll(200, || {
+                let (url, subject, http) = (url.clone(), subject.clone(), http.clone());
+                async move { has_policy(&http, &url, &subject).await.then_some(()) }
+            })
+            .await;
+            assert!(seen.is_some(), "{subject} never reached {url}");
+        }
+        // 1,000 checks of [alice, team], 64 at a time, over the replicas.
+        let admitted = checks(&http, &urls, json!(["user:alice", team]), 1_000, 64).await;
+        // 200 reservations of $0.02 on [team:budget, bob] against $2/day.
+        let committed = reservations(&http, &urls, json!(["team:budget", bob]), 200, 32).await;
+        (admitted, committed)
+    });
+    assert_eq!(admitted, 150, "exactly the tighter limit is admitted");
+    assert!(
+        committed_micros <= 2_000_000,
+        "overspent: {committed_micros} µ$"
+    );
+    let usage = |url: &str, subject: &str| {
+        rt.block_on(async {
+            let http = reqwest::Client::new();
+            let (_, v) = send(
+                &http,
+                reqwest::Method::GET,
+                &format!("{url}/v1/usage/{subject}"),
+                None,
+            )
+            .await;
+            v["limits"][0]["used"].clone()
+        })
+    };
+    assert_eq!(
+        usage(&urls[1], "user:alice"),
+        json!(150),
+        "alice's refused holds rolled back"
+    );
+    assert_eq!(usage(&urls[2], &team), json!(150));
+    let budget = usage(&urls[0], "team:budget").as_f64().unwrap();
+    assert_eq!((budget * 1e6).round() as u64, committed_micros);
+    let bob_used = usage(&urls[0], &bob).as_f64().unwrap();
+    assert_eq!((bob_used * 1e6).round() as u64, committed_micros);
+    // A replica killed holding two reservations across slots: the others'
+    // expiry pass settles them at their held amounts.
+    let mut replicas = replicas;
+    let killed = replicas.remove(0);
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        for _ in 0..2 {
+            let (status, body) = send(
+                &http,
+                reqwest::Method::POST,
+                &format!("{}/v1/reserve", killed.url),
+                Some(json!({"subjects": [bob, "user:alice"], "amounts": {"cost_usd": 0.5}, "lease_s": 1.0})),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    });
+    killed.kill9();
+    let outstanding = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let mut outstanding = u64::MAX;
+        for _ in 0..150 {
+            outstanding = metric(&http, &urls[1], "sluice_reservations_outstanding")
+                .await
+                .map_or(u64::MAX, |v| v as u64);
+            if outstanding == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        outstanding
+    });
+    assert_eq!(
+        outstanding, 0,
+        "the killed replica's leases were never settled"
+    );
+    let bob_used = usage(&urls[1], &bob).as_f64().unwrap();
+    assert_eq!(
+        (bob_used * 1e6).round() as u64,
+        committed_micros + 1_000_000
+    );
+    stop_and_add_up(replicas, &db, 150, committed_micros);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM ledger WHERE kind = 'expire'"),
+        2,
+        "each expired lease written once"
+    );
 }
