@@ -483,3 +483,73 @@ fn settles_racing_the_expiry_pass_are_counted_once() {
     });
     assert_eq!(markers(c, &p), 0);
 }
+
+/// A node that goes down fails the calls that need it (an error, for
+/// `on_store_error` to decide: never a pass, never a panic), rolls back what
+/// a multi-slot request took on the nodes still up, leaves requests on other
+/// nodes working, and service resumes by itself when it returns.
+#[test]
+fn a_node_down_fails_its_calls_and_service_resumes_when_it_returns() {
+    if !cluster_tests_enabled("a_node_down_fails_its_calls") {
+        return;
+    }
+    let mut c = RedisCluster::start(3);
+    let p = prefix("outage");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = config(&c, &p);
+    cfg.timeout = Duration::from_millis(500);
+    let s = spread_subjects(&c, &p);
+    let limiter = rt.block_on(async {
+        let store = RedisStore::open(&cfg, Arc::new(sluice_core::SystemClock)).unwrap();
+        let limiter = RedisLimiter::new(store, Duration::from_secs(30), Duration::from_secs(60));
+        for subject in &s {
+            limiter
+                .table()
+                .set_policy(subject, policy(vec![LimitDef::new("requests", 100, "1h")]));
+        }
+        let all = Request::new(s.clone(), Amounts::ZERO.with(Metric::Requests, 1));
+        assert!(limiter.check(&all).await.unwrap().value.is_allowed());
+        limiter
+    });
+    let used = |subject: &Subject| rt.block_on(limiter.usage(subject)).unwrap().value[0].used;
+    let one = |i: usize| Request::new([s[i].clone()], Amounts::ZERO.with(Metric::Requests, 1));
+    c.stop(1);
+    rt.block_on(async {
+        assert!(
+            limiter.check(&one(1)).await.is_err(),
+            "a down node's subject errs"
+        );
+        let all = Request::new(s.clone(), Amounts::ZERO.with(Metric::Requests, 1));
+        assert!(limiter.check(&all).await.is_err());
+        assert!(limiter.reserve(&all, None, "", "m").await.is_err());
+        assert!(
+            limiter.check(&one(0)).await.unwrap().value.is_allowed(),
+            "other nodes work"
+        );
+    });
+    assert_eq!(
+        used(&s[0]),
+        2,
+        "what the failed requests took on node 0 was rolled back"
+    );
+    assert_eq!(used(&s[2]), 1);
+    c.restart(1);
+    let resumed = rt.block_on(async {
+        for _ in 0..100 {
+            if let Ok(d) = limiter.check(&one(1)).await {
+                return d.value.is_allowed();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    assert!(resumed, "service resumes without a restart");
+    let all = Request::new(s.clone(), Amounts::ZERO.with(Metric::Requests, 1));
+    assert!(rt.block_on(limiter.check(&all)).unwrap().value.is_allowed());
+    // The restarted node lost its keys (no persistence in this test).
+    assert_eq!(used(&s[1]), 2);
+}

@@ -16,7 +16,7 @@ pub struct RedisCluster {
     /// Client ports of the primaries.
     pub ports: Vec<u16>,
     watchers: Vec<Child>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 /// Whether cluster tests run: only where the shared Redis tests run
@@ -63,13 +63,64 @@ fn command(port: u16, cmd: &str) -> Option<String> {
     Some(String::from_utf8_lossy(buf.get(..n)?).into_owned())
 }
 
+/// One node, watched: it stops when this process ends.
+fn spawn_node(dir: &TempDir, p: u16) -> Child {
+    let parent = std::process::id();
+    let script = format!(
+        "redis-server --port {p} --bind 127.0.0.1 --cluster-enabled yes \
+         --cluster-config-file nodes-{p}.conf --dir {dir} --save '' --appendonly no \
+         --cluster-node-timeout 2000 >>{dir}/log-{p}.txt 2>&1 & s=$!; \
+         while kill -0 {parent} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.5; done; \
+         kill $s 2>/dev/null",
+        dir = dir.0.display()
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run sh for redis-server: {e}"))
+}
+
+fn wait_up(dir: &TempDir, p: u16) {
+    let up = (0..100).any(|_| {
+        let ok = command(p, "PING").is_some_and(|r| r.contains("PONG"));
+        if !ok {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ok
+    });
+    let log = std::fs::read_to_string(dir.0.join(format!("log-{p}.txt"))).unwrap_or_default();
+    assert!(
+        up,
+        "redis-server on port {p} did not start (is redis-server installed?): {log}"
+    );
+}
+
+fn wait_formed(ports: &[u16]) {
+    let formed = (0..200).any(|_| {
+        let ok = ports
+            .iter()
+            .all(|&p| command(p, "CLUSTER INFO").is_some_and(|r| r.contains("cluster_state:ok")));
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(
+        formed,
+        "the Redis Cluster on {ports:?} did not reach cluster_state:ok"
+    );
+}
+
 impl RedisCluster {
     /// Start `n` primaries (at least 3 for `redis-cli --cluster create`)
     /// and join them; panics with the reason if `redis-server` or
     /// `redis-cli` is missing or the cluster does not form within ~20 s.
     pub fn start(n: usize) -> RedisCluster {
         let dir = TempDir::new("redis-cluster");
-        let parent = std::process::id();
         let mut ports: Vec<u16> = Vec::new();
         while ports.len() < n {
             let p = free_port_pair();
@@ -79,38 +130,10 @@ impl RedisCluster {
         }
         let mut watchers = Vec::new();
         for &p in &ports {
-            let script = format!(
-                "redis-server --port {p} --bind 127.0.0.1 --cluster-enabled yes \
-                 --cluster-config-file nodes-{p}.conf --dir {dir} --save '' --appendonly no \
-                 --cluster-node-timeout 2000 >{dir}/log-{p}.txt 2>&1 & s=$!; \
-                 while kill -0 {parent} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.5; done; \
-                 kill $s 2>/dev/null",
-                dir = dir.0.display()
-            );
-            let watcher = Command::new("sh")
-                .arg("-c")
-                .arg(script)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run sh for redis-server: {e}"));
-            watchers.push(watcher);
+            watchers.push(spawn_node(&dir, p));
         }
         for &p in &ports {
-            let up = (0..100).any(|_| {
-                let ok = command(p, "PING").is_some_and(|r| r.contains("PONG"));
-                if !ok {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                ok
-            });
-            let log =
-                std::fs::read_to_string(dir.0.join(format!("log-{p}.txt"))).unwrap_or_default();
-            assert!(
-                up,
-                "redis-server on port {p} did not start (is redis-server installed?): {log}"
-            );
+            wait_up(&dir, p);
         }
         let out = Command::new("redis-cli")
             .arg("--cluster")
@@ -125,24 +148,26 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let formed = (0..200).any(|_| {
-            let ok = ports.iter().all(|&p| {
-                command(p, "CLUSTER INFO").is_some_and(|r| r.contains("cluster_state:ok"))
-            });
-            if !ok {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            ok
-        });
-        assert!(
-            formed,
-            "the Redis Cluster on {ports:?} did not reach cluster_state:ok"
-        );
+        wait_formed(&ports);
         RedisCluster {
             ports,
             watchers,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// Stop node `i` at once (no save: its keys are gone when it returns).
+    pub fn stop(&mut self, i: usize) {
+        let _ = command(self.ports[i], "SHUTDOWN NOSAVE");
+        let _ = self.watchers[i].wait();
+    }
+
+    /// Start node `i` again (it rejoins with its slots, empty) and wait
+    /// until the cluster is whole.
+    pub fn restart(&mut self, i: usize) {
+        self.watchers[i] = spawn_node(&self.dir, self.ports[i]);
+        wait_up(&self.dir, self.ports[i]);
+        wait_formed(&self.ports);
     }
 
     /// The nodes as a comma-separated URL list (`store.url` accepts it).
