@@ -283,6 +283,21 @@ fn leases_across_slots_expire_at_their_held_amounts() {
     }
     assert_eq!(l.outstanding(), 0);
     assert_eq!(markers(c, &p), 0);
+    // A reservation naming no limited subject is still a reservation, as in
+    // memory: committed, or expired and reported (holding nothing).
+    let free = Request::new(
+        [Subject::parse("user:no-policy").unwrap()],
+        Amounts::ZERO.with_tokens(5, 0),
+    );
+    let r = l.reserve(&free, Some(Duration::from_secs(1))).unwrap();
+    assert!(l.commit(r.id, &Amounts::ZERO).is_ok());
+    let r = l.reserve(&free, Some(Duration::from_secs(1))).unwrap();
+    clock.advance(Duration::from_secs(2));
+    let expired = l.expire_leases();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].id, r.id);
+    assert!(expired[0].held.is_empty());
+    assert_eq!(l.outstanding(), 0);
 }
 
 /// The script, called directly: what a replica that dies half-way leaves.
