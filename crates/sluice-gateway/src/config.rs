@@ -286,6 +286,30 @@ pub enum StoreConfig {
     },
 }
 
+impl StoreConfig {
+    /// Where limit state lives, for logs (credentials redacted).
+    pub fn describe(&self) -> String {
+        match self {
+            StoreConfig::Memory => "in memory (this process)".to_owned(),
+            StoreConfig::Redis {
+                url,
+                cluster: false,
+                key_prefix,
+                ..
+            } => format!("redis {} (prefix {key_prefix:?})", redact(url)),
+            StoreConfig::Redis {
+                url, key_prefix, ..
+            } => {
+                let nodes: Vec<String> = url.split(',').map(redact).collect();
+                format!(
+                    "redis cluster, seed nodes {} (prefix {key_prefix:?})",
+                    nodes.join(" ")
+                )
+            }
+        }
+    }
+}
+
 fn resolve_store(
     def: &StoreDef,
     env: &dyn Fn(&str) -> Option<String>,
@@ -1295,6 +1319,24 @@ mod tests {
             StoreConfig::Memory => panic!("not redis"),
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn store_descriptions_redact_credentials() {
+        let redis = |rest: &str| format!("[store]\nkind = \"redis\"\n{rest}");
+        let d = parse(&redis("url = [\"redis://u:secret@a:1\", \"redis://b:2\"]"))
+            .unwrap()
+            .store
+            .describe();
+        assert_eq!(
+            d,
+            "redis cluster, seed nodes redis://u:***@a:1 redis://b:2 (prefix \"sluice:\")"
+        );
+        let d = parse(&redis("url = \"redis://:pw@h:6379/0\""))
+            .unwrap()
+            .store
+            .describe();
+        assert!(!d.contains("pw"), "{d}");
     }
 
     #[test]

@@ -167,6 +167,7 @@ async fn serve(
         Err(e) => return config_error(&e),
     };
     let listen = config.listen;
+    tracing::info!("limits {}", config.store.describe());
     let gateway = match Gateway::start(config, Arc::new(SystemClock)).await {
         Ok(g) => g,
         Err(e) => {
@@ -217,11 +218,12 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     match parsed {
         Ok(c) => {
             println!(
-                "{}: ok (listen {}, data_dir {}, ledger_sync {:?})",
+                "{}: ok (listen {}, data_dir {}, ledger_sync {:?}, limits {})",
                 file.display(),
                 c.listen,
                 c.data_dir.display(),
-                c.ledger_sync
+                c.ledger_sync,
+                c.store.describe()
             );
             ExitCode::SUCCESS
         }
