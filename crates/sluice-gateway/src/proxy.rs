@@ -1384,19 +1384,111 @@ impl Drop for StreamSettle {
     }
 }
 
-/// Read one SSE event's `data:` JSON, if any.
-fn event_json(event: &[u8]) -> Option<Value> {
+/// One SSE event's `data:` payload: borrowed when it is one line (as every
+/// provider sends it), joined otherwise; `None` for none or `[DONE]`.
+fn event_data(event: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
     let text = std::str::from_utf8(event).ok()?;
-    let data: String = text
+    let mut lines = text
         .lines()
         .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim_start)
-        .collect::<Vec<_>>()
-        .join("\n");
-    if data.is_empty() || data == "[DONE]" {
-        return None;
+        .map(str::trim_start);
+    let first = lines.next()?;
+    let data = match lines.next() {
+        None => std::borrow::Cow::Borrowed(first),
+        Some(second) => {
+            let mut joined = format!("{first}\n{second}");
+            for l in lines {
+                joined.push('\n');
+                joined.push_str(l);
+            }
+            std::borrow::Cow::Owned(joined)
+        }
+    };
+    (!data.is_empty() && data != "[DONE]").then_some(data)
+}
+
+/// What Sluice reads of an OpenAI chat or completions chunk, borrowed from
+/// the event (every other field is skipped, never allocated). A chunk with
+/// `usage` is read again in full (once a stream).
+#[derive(serde::Deserialize)]
+struct ChatChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChatChoice<'a>>,
+    #[serde(default)]
+    usage: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatChoice<'a> {
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    delta: Option<ChatDelta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<ChatToolCall<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatToolCall<'a> {
+    #[serde(default, borrow)]
+    function: Option<ChatFunction<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChatFunction<'a> {
+    #[serde(default, borrow)]
+    arguments: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl ChatChunk<'_> {
+    /// Bytes of text this chunk streams.
+    fn text_bytes(&self) -> u64 {
+        let len = |t: Option<&std::borrow::Cow<'_, str>>| t.map_or(0, |s| s.len() as u64);
+        let mut n = 0;
+        for c in &self.choices {
+            n += len(c.text.as_ref());
+            if let Some(d) = &c.delta {
+                n += len(d.content.as_ref());
+                for call in d.tool_calls.iter().flatten() {
+                    n += len(call.function.as_ref().and_then(|f| f.arguments.as_ref()));
+                }
+            }
+        }
+        n
     }
-    serde_json::from_str(&data).ok()
+}
+
+impl StreamSettle {
+    /// Read one event (see [`StreamSettle::observe`]); whether to pass it on.
+    fn observe_event(
+        &mut self,
+        endpoint: Endpoint,
+        event: &[u8],
+        client_wants_usage: bool,
+    ) -> bool {
+        let Some(data) = event_data(event) else {
+            return true;
+        };
+        if matches!(endpoint, Endpoint::Chat | Endpoint::Completions) {
+            // The common chunk, read without building a tree.
+            if let Ok(chunk) = serde_json::from_str::<ChatChunk<'_>>(&data) {
+                if chunk.usage.is_none() {
+                    self.text_bytes += chunk.text_bytes();
+                    return true;
+                }
+            }
+        }
+        match serde_json::from_str::<Value>(&data) {
+            Ok(v) => self.observe(endpoint, &v, client_wants_usage),
+            Err(_) => true,
+        }
+    }
 }
 
 /// Pass the upstream's SSE through event by event (nothing is buffered
@@ -1411,13 +1503,16 @@ fn stream_through(
     use futures_util::StreamExt;
     struct State {
         upstream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
-        buf: Vec<u8>,
+        buf: bytes::BytesMut,
+        /// Bytes of `buf` already searched for an event's end.
+        scanned: usize,
         settle: StreamSettle,
         done: bool,
     }
     let state = State {
         upstream: resp.bytes_stream().boxed(),
-        buf: Vec::new(),
+        buf: bytes::BytesMut::new(),
+        scanned: 0,
         settle,
         done: false,
     };
@@ -1426,20 +1521,40 @@ fn stream_through(
             if s.done {
                 return None;
             }
-            // Emit every complete event in the buffer.
-            let mut out: Vec<u8> = Vec::new();
-            while let Some(end) = s.buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = s.buf.drain(..end + 2).collect();
-                let mut keep = true;
-                if let Some(v) = event_json(&event) {
-                    keep = s.settle.observe(endpoint, &v, client_wants_usage);
-                }
+            // Every complete event in the buffer goes out as it came (one
+            // slice of the buffer, not a copy) unless it is dropped.
+            let mut out: Option<bytes::BytesMut> = None;
+            let mut at = 0; // start of the next event in `buf`
+            while let Some(end) = memchr::memmem::find(&s.buf[s.scanned.max(at)..], b"\n\n")
+                .map(|i| s.scanned.max(at) + i + 2)
+            {
+                let keep = s
+                    .settle
+                    .observe_event(endpoint, &s.buf[at..end], client_wants_usage);
                 if keep {
-                    out.extend_from_slice(&event);
+                    at = end;
+                } else {
+                    let kept = s.buf.split_to(at);
+                    let _dropped = s.buf.split_to(end - at);
+                    match &mut out {
+                        Some(o) => o.extend_from_slice(&kept),
+                        None => out = Some(kept),
+                    }
+                    at = 0;
+                }
+                s.scanned = 0;
+            }
+            if at > 0 {
+                let kept = s.buf.split_to(at);
+                match &mut out {
+                    Some(o) => o.extend_from_slice(&kept),
+                    None => out = Some(kept),
                 }
             }
-            if !out.is_empty() {
-                return Some((Ok::<_, std::io::Error>(Bytes::from(out)), s));
+            // Search only the new bytes next time (an end may straddle).
+            s.scanned = s.buf.len().saturating_sub(1);
+            if let Some(o) = out.filter(|o| !o.is_empty()) {
+                return Some((Ok::<_, std::io::Error>(o.freeze()), s));
             }
             match s.upstream.next().await {
                 Some(Ok(chunk)) => s.buf.extend_from_slice(&chunk),
@@ -1457,8 +1572,8 @@ fn stream_through(
                     if s.buf.is_empty() {
                         return None;
                     }
-                    let rest = std::mem::take(&mut s.buf);
-                    return Some((Ok(Bytes::from(rest)), s));
+                    let rest = s.buf.split().freeze();
+                    return Some((Ok(rest), s));
                 }
             }
         }
@@ -1600,5 +1715,61 @@ mod tests {
         assert_eq!(b(Endpoint::Embeddings, json!({"max_tokens": 10})), 0);
         assert_eq!(b(Endpoint::Responses, json!({"max_output_tokens": 7})), 7);
         assert_eq!(b(Endpoint::Messages, json!({"max_tokens": 70})), 70);
+    }
+
+    #[test]
+    fn chat_chunks_are_read_as_the_tree_reads_them() {
+        // The text a chunk streams, read from a `Value` as before.
+        let by_tree = |v: &Value| -> u64 {
+            let len = |t: &Value| t.as_str().map_or(0, str::len) as u64;
+            let mut n = 0;
+            for c in v["choices"].as_array().into_iter().flatten() {
+                n += len(&c["text"]) + len(&c["delta"]["content"]);
+                for call in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+                    n += len(&call["function"]["arguments"]);
+                }
+            }
+            n
+        };
+        for v in [
+            json!({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}], "usage": null}),
+            json!({"choices": [{"delta": {"content": "héllo \"quoted\" \n wörld"}}]}),
+            json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{\"a\": 1}"}}, {"function": {"arguments": "xy"}}]}}]}),
+            json!({"choices": [{"text": "completion text", "index": 0}]}),
+            json!({"choices": [{"delta": {"content": null}}, {"delta": {"content": "ab"}}]}),
+            json!({"choices": [], "extra": {"nested": [1, 2, {"x": "y"}]}}),
+        ] {
+            let text = v.to_string();
+            let chunk: ChatChunk<'_> = serde_json::from_str(&text).unwrap();
+            assert!(chunk.usage.is_none(), "{v}");
+            assert_eq!(chunk.text_bytes(), by_tree(&v), "{v}");
+        }
+        let with_usage = json!({"choices": [], "usage": {"prompt_tokens": 3}}).to_string();
+        let chunk: ChatChunk<'_> = serde_json::from_str(&with_usage).unwrap();
+        assert!(chunk.usage.is_some(), "a usage chunk is read in full");
+        // A shape the fast path does not know falls back to the tree.
+        assert!(
+            serde_json::from_str::<ChatChunk<'_>>(r#"{"choices": [{"delta": {"content": [1]}}]}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn event_data_borrows_one_line_and_joins_several() {
+        assert_eq!(
+            event_data(b"data: {\"a\":1}\n\n").as_deref(),
+            Some("{\"a\":1}")
+        );
+        assert!(matches!(
+            event_data(b"data: {}\n\n"),
+            Some(std::borrow::Cow::Borrowed(_))
+        ));
+        assert_eq!(
+            event_data(b"event: x\ndata: {\"a\":\ndata: 1}\n\n").as_deref(),
+            Some("{\"a\":\n1}")
+        );
+        assert_eq!(event_data(b"data: [DONE]\n\n"), None);
+        assert_eq!(event_data(b": keep-alive\n\n"), None);
+        assert_eq!(event_data(b"data:\n\n"), None);
     }
 }
