@@ -1523,38 +1523,28 @@ fn stream_through(
             }
             // Every complete event in the buffer goes out as it came (one
             // slice of the buffer, not a copy) unless it is dropped.
-            let mut out: Option<bytes::BytesMut> = None;
+            // (`unsplit` moves the first piece in and copies only after a drop.)
+            let mut out = bytes::BytesMut::new();
             let mut at = 0; // start of the next event in `buf`
-            while let Some(end) = memchr::memmem::find(&s.buf[s.scanned.max(at)..], b"\n\n")
-                .map(|i| s.scanned.max(at) + i + 2)
-            {
-                let keep = s
-                    .settle
-                    .observe_event(endpoint, &s.buf[at..end], client_wants_usage);
-                if keep {
+            let mut from = s.scanned;
+            while let Some(i) = memchr::memmem::find(&s.buf[from..], b"\n\n") {
+                let end = from + i + 2;
+                if s.settle
+                    .observe_event(endpoint, &s.buf[at..end], client_wants_usage)
+                {
                     at = end;
                 } else {
-                    let kept = s.buf.split_to(at);
+                    out.unsplit(s.buf.split_to(at));
                     let _dropped = s.buf.split_to(end - at);
-                    match &mut out {
-                        Some(o) => o.extend_from_slice(&kept),
-                        None => out = Some(kept),
-                    }
                     at = 0;
                 }
-                s.scanned = 0;
+                from = at;
             }
-            if at > 0 {
-                let kept = s.buf.split_to(at);
-                match &mut out {
-                    Some(o) => o.extend_from_slice(&kept),
-                    None => out = Some(kept),
-                }
-            }
+            out.unsplit(s.buf.split_to(at));
             // Search only the new bytes next time (an end may straddle).
             s.scanned = s.buf.len().saturating_sub(1);
-            if let Some(o) = out.filter(|o| !o.is_empty()) {
-                return Some((Ok::<_, std::io::Error>(o.freeze()), s));
+            if !out.is_empty() {
+                return Some((Ok::<_, std::io::Error>(out.freeze()), s));
             }
             match s.upstream.next().await {
                 Some(Ok(chunk)) => s.buf.extend_from_slice(&chunk),

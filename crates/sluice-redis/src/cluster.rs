@@ -14,8 +14,9 @@ use futures_util::future::join_all;
 
 use super::{
     Acquired, Admit, Amounts, Answer, ExpiredReservation, Level, Metric, PlanSubject, RedisStore,
-    Refusal, ReservationId, Settled, Settlement, SmallVec, StoreError, Take, Time, Timestamp,
-    array, int, parse_decision, parse_held, parse_overshoot, protocol, push_subject, text,
+    Refusal, ReservationId, Settled, Settlement, SmallVec, StoreError, Subject, Take, Time,
+    Timestamp, array, int, parse_decision, parse_held, parse_overshoot, protocol, push_subject,
+    text,
 };
 
 /// Lease registries, each in its own slot; an id's registry is `id % SHARDS`.
@@ -35,22 +36,7 @@ pub(crate) fn slot(key: &str) -> u16 {
         let close = rest.iter().position(|b| *b == b'}')?;
         (close > 0).then(|| rest.get(..close)).flatten()
     });
-    crc16(tagged.unwrap_or(bytes)) % 16384
-}
-
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
 }
 
 fn random() -> u64 {
@@ -265,7 +251,7 @@ pub(crate) async fn decide(
     }
     // A lease: its record first, so the ledger and the counters agree
     // whatever happens next.
-    let (lease, id, opened_at) = match lease_ns {
+    let (id, opened) = match lease_ns {
         Some(ns) => {
             let shard = store
                 .next_shard
@@ -289,17 +275,18 @@ pub(crate) async fn decide(
                 inv.arg(k);
             }
             let items = array(store.eval(&inv).await?)?;
-            (Some(ns), text(items.get(1))?, Some(int(items.first())?))
+            (text(items.get(1))?, Some((shard, int(items.first())?)))
         }
-        None => (None, format!("s{:016x}", random()), None),
+        None => (format!("s{:016x}", random()), None),
     };
-    let ttl = lease.unwrap_or(0).saturating_add(CLAIM_NS + GRACE_NS);
+    let registry = opened.map(|(shard, _)| shard);
+    let ttl = lease_ns.unwrap_or(0).saturating_add(CLAIM_NS + GRACE_NS);
     let last = groups.len().saturating_sub(1);
     let mut levels = Vec::with_capacity(groups.len());
     let mut now = 0;
     for (gi, g) in groups.iter().enumerate() {
         // A spend's last slot needs no marker: nothing after it can refuse.
-        let mark = (lease.is_some() || gi < last).then_some((id.as_str(), ttl));
+        let mark = (lease_ns.is_some() || gi < last).then_some((id.as_str(), ttl));
         let held = match hold(store, time, plan, &keys, g, amounts, "spend", mark).await {
             Ok(h) => h,
             Err(e) => {
@@ -308,7 +295,7 @@ pub(crate) async fn decide(
                 // release fails (what it still holds is reported then).
                 let taken = groups.get(..=gi).unwrap_or_default();
                 if release(store, time, &keys, taken, &id).await {
-                    close_refused(store, time, lease.map(|_| id.as_str())).await;
+                    close_refused(store, time, registry, &id).await;
                 }
                 return Err(e);
             }
@@ -328,7 +315,7 @@ pub(crate) async fn decide(
                     )
                 );
                 if released {
-                    close_refused(store, time, lease.map(|_| id.as_str())).await;
+                    close_refused(store, time, registry, &id).await;
                 }
                 // Exact retry_after: the latest admit over every slot.
                 let mut refusals = vec![refusal];
@@ -345,7 +332,7 @@ pub(crate) async fn decide(
             }
         }
     }
-    if lease.is_none() {
+    if lease_ns.is_none() {
         // An admitted spend: drop its markers (they would expire anyway).
         let marked = groups.get(..last).unwrap_or_default();
         join_all(
@@ -356,19 +343,18 @@ pub(crate) async fn decide(
         .await;
     }
     Ok(Answer {
-        now: opened_at.unwrap_or(now),
+        now: opened.map_or(now, |(_, at)| at),
         outcome: Ok(Acquired {
-            reservation: lease.and_then(|_| id.parse().ok()).map(ReservationId),
+            reservation: opened.and_then(|_| id.parse().ok()).map(ReservationId),
             levels: assemble(plan, &groups, &levels)?,
         }),
     })
 }
 
-/// Delete the record of a refused (or failed) reservation.
-async fn close_refused(store: &RedisStore, time: Time, id: Option<&str>) {
-    let Some(id) = id else { return };
-    let Ok(n) = id.parse::<u64>() else { return };
-    let shard = usize::try_from(n).unwrap_or(0) % SHARDS;
+/// Delete the record (in registry `shard`; none for a spend) of a refused
+/// (or failed) reservation.
+async fn close_refused(store: &RedisStore, time: Time, shard: Option<usize>, id: &str) {
+    let Some(shard) = shard else { return };
     let mut inv = store.registry_call("c_close", time, shard);
     inv.arg(id).arg("open").arg("settled");
     // If this fails, the expiry pass finds the record and no markers.
@@ -382,11 +368,15 @@ fn parse_keys(v: Option<&redis::Value>) -> Result<Vec<String>, StoreError> {
     }
 }
 
-/// Position of each subject (by its key) in the record, for plan order.
-fn order_by_keys<T>(store: &RedisStore, keys: &[String], items: &mut [T], subject: fn(&T) -> &str) {
-    let prefix = &store.keys.prefix;
-    items.sort_by_key(|it| {
-        let key = format!("{prefix}{{{}}}", subject(it));
+/// Put `items` in plan order: the order of their subjects' keys in the record.
+fn order_by_keys<T>(
+    store: &RedisStore,
+    keys: &[String],
+    items: &mut [T],
+    subject: fn(&T) -> &Subject,
+) {
+    items.sort_by_cached_key(|it| {
+        let key = store.subject_key(subject(it));
         keys.iter().position(|k| *k == key).unwrap_or(usize::MAX)
     });
 }
@@ -444,7 +434,7 @@ pub(crate) async fn settle(
             for a in answers {
                 overshoot.extend(parse_overshoot(&a?.1)?);
             }
-            order_by_keys(store, &keys, &mut overshoot, |o| o.subject.as_str());
+            order_by_keys(store, &keys, &mut overshoot, |o| &o.subject);
             // Every slot is settled: the answer is Done even if closing the
             // record fails (the expiry pass then drops it, finding no marker).
             let mut inv = store.registry_call("c_close", time, shard);
@@ -536,7 +526,7 @@ async fn expire_shard(
         // (a replica died before its first slot): nothing to report. One
         // that names no subject (none had a limit) held nothing by design.
         if closed && (found > 0 || keys.is_empty()) {
-            order_by_keys(store, &keys, &mut held, |h| h.subject.as_str());
+            order_by_keys(store, &keys, &mut held, |h| &h.subject);
             out.push((
                 ExpiredReservation {
                     id: ReservationId(int(Some(id))?),
