@@ -1,5 +1,6 @@
 //! The proxy benchmark's second yardstick: the least an HTTP proxy on the same
-//! stack as Sluice does (axum server, reqwest client, mimalloc, TCP_NODELAY):
+//! stack as Sluice does (axum server, hyper's pooled client as in
+//! `sluice_gateway::upstream`, mimalloc, TCP_NODELAY):
 //! forward `POST /v1/chat/completions` to the upstream and pass the answer
 //! (streamed or not) back. No keys, limits, token counts or ledger. What it
 //! costs over a direct call is the price of the extra hop itself on this
@@ -19,25 +20,33 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt;
 
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<Bytes>,
+>;
+
 #[derive(Clone)]
 struct Upstream {
-    http: reqwest::Client,
-    url: reqwest::Url,
+    http: Client,
+    uri: axum::http::Uri,
 }
 
 async fn forward(State(up): State<Upstream>, body: Bytes) -> Response {
-    let sent = up
-        .http
-        .post(up.url.clone())
-        .header(header::CONTENT_TYPE, "application/json")
-        .bearer_auth("sk-fake")
-        .body(body)
-        .send()
-        .await;
-    match sent {
+    use http_body_util::BodyExt;
+    let mut req = axum::http::Request::new(http_body_util::Full::new(body));
+    *req.method_mut() = axum::http::Method::POST;
+    *req.uri_mut() = up.uri.clone();
+    req.headers_mut().insert(
+        header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        axum::http::HeaderValue::from_static("Bearer sk-fake"),
+    );
+    match up.http.request(req).await {
         Ok(r) => {
-            let status =
-                StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let status = r.status();
             let streamed = r
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -46,14 +55,17 @@ async fn forward(State(up): State<Upstream>, body: Bytes) -> Response {
                 (
                     status,
                     [(header::CONTENT_TYPE, "text/event-stream")],
-                    Body::from_stream(r.bytes_stream()),
+                    Body::new(r.into_body()),
                 )
                     .into_response()
             } else {
-                match r.bytes().await {
-                    Ok(b) => {
-                        (status, [(header::CONTENT_TYPE, "application/json")], b).into_response()
-                    }
+                match r.into_body().collect().await {
+                    Ok(b) => (
+                        status,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        b.to_bytes(),
+                    )
+                        .into_response(),
                     Err(_) => StatusCode::BAD_GATEWAY.into_response(),
                 }
             }
@@ -67,12 +79,14 @@ async fn main() -> Result<(), String> {
     let base = std::env::args()
         .nth(1)
         .ok_or("usage: bare_proxy UPSTREAM_BASE_URL")?;
-    let url =
-        reqwest::Url::parse(&format!("{base}/chat/completions")).map_err(|e| e.to_string())?;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| e.to_string())?;
+    let uri: axum::http::Uri = format!("{base}/chat/completions")
+        .parse()
+        .map_err(|e: axum::http::uri::InvalidUri| e.to_string())?;
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
@@ -85,6 +99,6 @@ async fn main() -> Result<(), String> {
     });
     let app = Router::new()
         .route("/v1/chat/completions", post(forward))
-        .with_state(Upstream { http, url });
+        .with_state(Upstream { http, uri });
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }

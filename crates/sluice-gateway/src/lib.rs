@@ -25,6 +25,7 @@ pub mod ratelimit;
 pub mod reservations;
 mod routes;
 pub mod server;
+pub mod upstream;
 pub mod wire;
 
 pub use config::{Config, ConfigError, FileConfig, LedgerSync, Overrides};

@@ -142,7 +142,7 @@ impl Endpoint {
 }
 
 /// Every upstream path the proxy calls.
-const UPSTREAM_PATHS: [&str; 6] = [
+pub const UPSTREAM_PATHS: &[&str] = &[
     Endpoint::Chat.path(),
     Endpoint::Completions.path(),
     Endpoint::Embeddings.path(),
@@ -153,27 +153,6 @@ const UPSTREAM_PATHS: [&str; 6] = [
 
 /// Anthropic's token counting, under the provider's base URL (forwarded, not an [`Endpoint`]: nothing is reserved).
 const COUNT_TOKENS_PATH: &str = "messages/count_tokens";
-
-/// Each provider's endpoint URLs, parsed once at start.
-pub fn upstream_urls(
-    proxy: &crate::config::Proxy,
-) -> Result<Vec<Vec<(&'static str, reqwest::Url)>>, String> {
-    proxy
-        .providers
-        .iter()
-        .map(|p| {
-            UPSTREAM_PATHS
-                .iter()
-                .map(|path| {
-                    let url = format!("{}/{path}", p.base_url);
-                    reqwest::Url::parse(&url)
-                        .map(|u| (*path, u))
-                        .map_err(|e| format!("provider {}: bad URL {url}: {e}", p.name))
-                })
-                .collect()
-        })
-        .collect()
-}
 
 /// Load the tokenizers the configured models need (at start, not on the first request).
 pub fn warm_tokenizers(models: &std::collections::BTreeMap<String, Model>) {
@@ -627,7 +606,7 @@ fn refusal(
 /// What the upstream finally said.
 enum Upstream {
     /// An answer to pass on (a success, or an error not worth retrying).
-    Answer(reqwest::Response),
+    Answer(crate::upstream::Answer),
     /// Retries exhausted: the last error status and body, or a transport error.
     Failed(Option<(StatusCode, Bytes)>, String),
 }
@@ -638,10 +617,7 @@ enum Upstream {
 /// Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset`
 /// (RFC 3339 instants, measured from `now`). Of those, the latest reset among
 /// the limits whose `remaining` is 0 (all of them must reset), else the earliest.
-fn upstream_wait(
-    headers: &reqwest::header::HeaderMap,
-    now: sluice_core::Timestamp,
-) -> Option<Duration> {
+fn upstream_wait(headers: &HeaderMap, now: sluice_core::Timestamp) -> Option<Duration> {
     let get = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
         return Some(Duration::from_secs_f64(
@@ -718,48 +694,37 @@ async fn call_upstream(
 ) -> Upstream {
     let proxy = &st.config.proxy;
     let provider = &proxy.providers[provider_index];
-    let Some(url) = st.upstream_urls[provider_index]
-        .iter()
-        .find(|(p, _)| *p == path)
-        .map(|(_, u)| u)
-    else {
-        return Upstream::Failed(None, format!("no upstream URL for {path}"));
-    };
     #[allow(clippy::disallowed_methods)] // a deadline for sleeping, not a decision's clock
     let deadline = tokio::time::Instant::now() + proxy.timeout;
+    // The provider's key is added by the client (it never passes through here).
+    let mut headers = HeaderMap::new();
+    if provider.wire == Wire::Anthropic {
+        let version = client_headers
+            .get("anthropic-version")
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("2023-06-01"));
+        headers.insert("anthropic-version", version);
+        if let Some(beta) = client_headers.get("anthropic-beta") {
+            headers.insert("anthropic-beta", beta.clone());
+        }
+    }
     let mut last = (None, String::new());
     for attempt in 0..proxy.attempts {
-        let mut call = st
-            .http
-            .post(url.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.clone());
-        match (provider.wire, &provider.api_key) {
-            (Wire::OpenAi, Some(k)) => call = call.bearer_auth(k),
-            (Wire::Anthropic, key) => {
-                if let Some(k) = key {
-                    call = call.header("x-api-key", k);
-                }
-                let version = client_headers
-                    .get("anthropic-version")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("2023-06-01");
-                call = call.header("anthropic-version", version);
-                if let Some(beta) = client_headers
-                    .get("anthropic-beta")
-                    .and_then(|v| v.to_str().ok())
-                {
-                    call = call.header("anthropic-beta", beta);
-                }
-            }
-            (Wire::OpenAi, None) => {}
-        }
-        let wait = match call.send().await {
-            Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
-                let wait = upstream_wait(r.headers(), st.now())
+        let wait = match st
+            .upstreams
+            .post(
+                provider_index,
+                path,
+                headers.clone(),
+                body.clone(),
+                deadline,
+            )
+            .await
+        {
+            Ok(r) if r.status.as_u16() == 429 || r.status.is_server_error() => {
+                let wait = upstream_wait(&r.headers, st.now())
                     .unwrap_or_else(|| backoff(proxy.backoff, attempt));
-                let status =
-                    StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                let status = r.status;
                 let bytes = r.bytes().await.unwrap_or_default();
                 last = (Some((status, bytes)), format!("upstream answered {status}"));
                 wait
@@ -905,8 +870,7 @@ pub async fn anthropic_count_tokens(
     let bytes = Bytes::from(req.to_string());
     match call_upstream(&st, model.provider, COUNT_TOKENS_PATH, bytes, &headers).await {
         Upstream::Answer(resp) => {
-            let status =
-                StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let status = resp.status;
             match resp.bytes().await {
                 Ok(bytes) => {
                     (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
@@ -1170,18 +1134,18 @@ struct AnswerDetail<'a> {
 async fn answer(
     endpoint: Endpoint,
     st: &Arc<AppState>,
-    resp: reqwest::Response,
+    resp: crate::upstream::Answer,
     model: &Model,
     held: Held,
     streaming: bool,
     client_wants_usage: bool,
 ) -> Response {
     let wire = endpoint.wire();
-    let status = resp.status();
+    let status = resp.status;
     // The provider's id for the call, for reconciling with its bill.
     let request_id = ["x-request-id", "request-id"]
         .iter()
-        .find_map(|k| resp.headers().get(*k))
+        .find_map(|k| resp.headers.get(*k))
         .and_then(|v| v.to_str().ok())
         .map(|v| v.chars().take(200).collect::<String>());
     let headers_out = |r: &mut Response| {
@@ -1240,12 +1204,7 @@ async fn answer(
     } else {
         finish(st, &held.public, None, detail, request_id).await;
     }
-    let mut r = (
-        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
-        [(header::CONTENT_TYPE, "application/json")],
-        bytes,
-    )
-        .into_response();
+    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response();
     headers_out(&mut r);
     r
 }
@@ -1496,13 +1455,14 @@ impl StreamSettle {
 /// chunk Sluice asked for when the client did not.
 fn stream_through(
     endpoint: Endpoint,
-    resp: reqwest::Response,
+    resp: crate::upstream::Answer,
     settle: StreamSettle,
     client_wants_usage: bool,
 ) -> Response {
     use futures_util::StreamExt;
     struct State {
-        upstream: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+        upstream:
+            futures_util::stream::BoxStream<'static, Result<Bytes, crate::upstream::UpstreamError>>,
         buf: bytes::BytesMut,
         /// Bytes of `buf` already searched for an event's end.
         scanned: usize,
@@ -1510,7 +1470,7 @@ fn stream_through(
         done: bool,
     }
     let state = State {
-        upstream: resp.bytes_stream().boxed(),
+        upstream: resp.stream().boxed(),
         buf: bytes::BytesMut::new(),
         scanned: 0,
         settle,
@@ -1608,8 +1568,8 @@ pub async fn openai_models(State(st): State<Arc<AppState>>, headers: HeaderMap) 
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> reqwest::header::HeaderMap {
-        let mut h = reqwest::header::HeaderMap::new();
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
         for (k, v) in pairs {
             h.insert(*k, v.parse().unwrap());
         }

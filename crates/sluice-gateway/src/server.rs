@@ -93,8 +93,8 @@ pub struct AppState {
     pub intents: AtomicU64,
     /// The proxy's client to upstream providers.
     pub http: reqwest::Client,
-    /// Each provider's endpoint URLs, parsed once (`[provider][endpoint]`).
-    pub upstream_urls: Vec<Vec<(&'static str, reqwest::Url)>>,
+    /// The proxy's client to the providers, their endpoint URLs parsed once.
+    pub upstreams: crate::upstream::Upstreams,
 }
 
 impl AppState {
@@ -311,7 +311,8 @@ impl Gateway {
             breaches: crate::audit::Breaches::default(),
             alerts,
             intents: AtomicU64::new(1),
-            upstream_urls: crate::proxy::upstream_urls(&config.proxy).map_err(StartError::Io)?,
+            upstreams: crate::upstream::Upstreams::new(&config.proxy, crate::proxy::UPSTREAM_PATHS)
+                .map_err(StartError::Io)?,
             http: reqwest::Client::builder()
                 .timeout(config.proxy.timeout)
                 .connect_timeout(Duration::from_secs(10))

@@ -384,6 +384,58 @@ async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
     s.stop().await;
 }
 
+/// `upstream_timeout_s` bounds an attempt from its send to the last byte of
+/// its body: an upstream too slow to answer is a 502 after the fallbacks (and
+/// charges nothing: no answer came); a stream too slow to finish is cut, and
+/// charged what it streamed. Nothing stays reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_timeout_covers_the_answer_and_the_stream() {
+    let (s, up, key, _dir) =
+        setup_with(10.0, "upstream_attempts = 1\nupstream_timeout_s = 0.5\n").await;
+    // Four chunks 200 ms apart: the non-streaming answer would take 800 ms.
+    up.set_chunk_delay(std::time::Duration::from_millis(200));
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(50)))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(up.requests(), 2, "the model, then its fallback");
+    settled(&s).await;
+    assert_eq!(usage(&s).await["limits"][0]["used"].as_f64().unwrap(), 0.0);
+
+    let mut body = chat(50);
+    body["stream"] = json!(true);
+    let mut r = stream_call(&s, &key, body).await;
+    assert_eq!(r.status(), 200);
+    let mut got = Vec::new();
+    let broke = loop {
+        match r.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(broke, "the stream should be cut at the deadline");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("Hello"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    settled(&s).await;
+    let used = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
+    assert!(used > 0.0, "what was streamed is charged");
+    assert!(
+        used <= (50 * 8 + 100 * 2) as f64 / 1e6,
+        "never more than the hold: {used}"
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_pushback_is_retried_and_then_fails_over() {
     let (s, up, key, _dir) =

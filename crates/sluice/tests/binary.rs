@@ -377,3 +377,74 @@ fn post_status(url: &str, path: &str, key: &str, body: &Value) -> u16 {
             .as_u16()
     })
 }
+
+/// A provider the environment routes through an HTTP proxy (`HTTP_PROXY`) is
+/// called through it: the base URL's host is never resolved, the proxy (here
+/// a fake upstream, which answers absolute-form requests) gets the call with
+/// the upstream key, and the client sees the answer.
+#[test]
+fn upstreams_behind_an_environment_proxy_are_called_through_it() {
+    use sluice_test_support::upstream::FakeUpstream;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let proxy = rt.block_on(FakeUpstream::start());
+    let proxy_url = proxy.base_url.trim_end_matches("/v1").to_owned();
+    let dir = TempDir::new("envproxy");
+    let config = dir.0.join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[[providers]]\nname = \"behind\"\nformat = \"openai\"\nbase_url = \"http://upstream.invalid/v1\"\napi_key_env = \"BEHIND_KEY\"\n\
+         [[models]]\nname = \"gpt-4o-mini\"\nprovider = \"behind\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("SLUICE_ADMIN_KEY", "envproxy-admin-key-0123456789"),
+        ("BEHIND_KEY", "upstream-secret"),
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("http_proxy", proxy_url.as_str()),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+    ];
+    let server = Serve::start(
+        &dir.0,
+        &["--data-dir", "data", "--config", config.to_str().unwrap()],
+        &env,
+    );
+    let url = server.url.clone();
+    let (status, body) = rt.block_on(async {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let key: Value = http
+            .post(format!("{url}/v1/keys"))
+            .bearer_auth("envproxy-admin-key-0123456789")
+            .json(&json!({"subject": "agent://acme/prod/behind"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let r = http
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(key["key"].as_str().unwrap())
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], 12, "{body}");
+    let got = proxy.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].path, "/v1/chat/completions");
+    assert_eq!(
+        got[0].headers["authorization"].to_str().unwrap(),
+        "Bearer upstream-secret"
+    );
+    assert_eq!(got[0].headers["host"].to_str().unwrap(), "upstream.invalid");
+    server.terminate();
+}

@@ -1,0 +1,315 @@
+//! The proxy's client to upstream providers.
+//!
+//! hyper's pooled HTTP/1.1 client over rustls (ring, the webpki roots), with
+//! every provider's endpoint URIs parsed once at start. A call builds one
+//! `http::Request` from a cloned URI and sends it: no URL re-parsing, no
+//! redirect or retry layers (Sluice retries itself, and an LLM API does not
+//! redirect). Profiles of the proxy at saturation put reqwest's own layers
+//! (URL conversions, redirect and retry wrappers) at a tenth of a proxied
+//! call's CPU; see docs/BENCHMARKS.md.
+//!
+//! A provider whose URL the environment routes through an HTTP proxy
+//! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, in either case) is
+//! called through reqwest instead, which speaks to proxies.
+//!
+//! The caller's deadline (the request's `upstream_timeout_s`, over all its
+//! attempts) covers an attempt from its send to the last byte of its body,
+//! streamed or not.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type UpBody = UnsyncBoxBody<Bytes, BoxError>;
+type Direct = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Why an upstream call or its body failed.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The request's deadline passed.
+    TimedOut,
+    /// Connecting, sending or reading failed.
+    Transport(String),
+    /// No URL for that provider and endpoint (a bug: every endpoint is parsed at start).
+    NoUrl(String),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::TimedOut => f.write_str("no complete answer within upstream_timeout_s"),
+            UpstreamError::Transport(e) => f.write_str(e),
+            UpstreamError::NoUrl(p) => write!(f, "no upstream URL for {p}"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// An error and its causes, in one line (hyper's own message is only "client error (Connect)").
+fn chain(e: &(dyn std::error::Error + 'static)) -> UpstreamError {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    UpstreamError::Transport(s)
+}
+
+struct Target {
+    path: &'static str,
+    /// The provider's key, as its wire sends it (marked sensitive: never logged).
+    auth: Option<(header::HeaderName, HeaderValue)>,
+    uri: Uri,
+    /// Set when the environment's proxy settings intercept this URL.
+    via_proxy: Option<reqwest::Url>,
+}
+
+/// Every provider's endpoints and the clients to call them.
+pub struct Upstreams {
+    direct: Direct,
+    proxied: reqwest::Client,
+    targets: Vec<Vec<Target>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("providers", &self.targets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An upstream's answer: status and headers, and a body read within the deadline.
+pub struct Answer {
+    /// The upstream's status.
+    pub status: StatusCode,
+    /// The upstream's headers.
+    pub headers: HeaderMap,
+    body: UpBody,
+    deadline: Instant,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstreams {
+    /// Parse every provider's endpoint URLs (`paths` under each base URL) and build the clients.
+    pub fn new(proxy: &crate::config::Proxy, paths: &[&'static str]) -> Result<Self, String> {
+        let env_proxies = hyper_util::client::proxy::matcher::Matcher::from_env();
+        let targets = proxy
+            .providers
+            .iter()
+            .map(|p| {
+                let auth = match &p.api_key {
+                    None => None,
+                    Some(k) => {
+                        let (name, value) = match p.wire {
+                            crate::config::Wire::OpenAi => (header::AUTHORIZATION, format!("Bearer {k}")),
+                            crate::config::Wire::Anthropic => {
+                                (header::HeaderName::from_static("x-api-key"), k.clone())
+                            }
+                        };
+                        let mut value = HeaderValue::try_from(value).map_err(|_| {
+                            format!("provider {}: the API key is not a valid header value", p.name)
+                        })?;
+                        value.set_sensitive(true);
+                        Some((name, value))
+                    }
+                };
+                paths
+                    .iter()
+                    .map(|path| {
+                        let url = format!("{}/{path}", p.base_url);
+                        let bad = |e: &dyn std::fmt::Display| {
+                            format!("provider {}: bad URL {url}: {e}", p.name)
+                        };
+                        let uri: Uri = url.parse().map_err(|e| bad(&e))?;
+                        let via_proxy = match env_proxies.intercept(&uri) {
+                            Some(_) => {
+                                tracing::info!(
+                                    "provider {}: {url} is called through the HTTP proxy set in the environment",
+                                    p.name
+                                );
+                                Some(reqwest::Url::parse(&url).map_err(|e| bad(&e))?)
+                            }
+                            None => None,
+                        };
+                        Ok(Target {
+                            path,
+                            auth: auth.clone(),
+                            uri,
+                            via_proxy,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS for upstreams: {e}"))?
+        .with_root_certificates(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let direct = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        let proxied = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // An LLM API does not redirect; a redirect is passed on, never followed with the key.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
+        Ok(Upstreams {
+            direct,
+            proxied,
+            targets,
+        })
+    }
+
+    /// `POST` `body` (JSON) to a provider's endpoint with `headers` added,
+    /// its answer (body included) due by `deadline`.
+    pub async fn post(
+        &self,
+        provider: usize,
+        path: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<Answer, UpstreamError> {
+        let Some(target) = self
+            .targets
+            .get(provider)
+            .and_then(|ts| ts.iter().find(|t| t.path == path))
+        else {
+            return Err(UpstreamError::NoUrl(path.to_owned()));
+        };
+        let mut headers = headers;
+        if let Some((name, value)) = &target.auth {
+            headers.insert(name.clone(), value.clone());
+        }
+        let sent = async {
+            match &target.via_proxy {
+                None => {
+                    let mut req = Request::new(Full::new(body));
+                    *req.method_mut() = Method::POST;
+                    *req.uri_mut() = target.uri.clone();
+                    *req.headers_mut() = headers;
+                    req.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    let r = self.direct.request(req).await.map_err(|e| chain(&e))?;
+                    let (parts, body) = r.into_parts();
+                    Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
+                }
+                Some(url) => {
+                    let r = self
+                        .proxied
+                        .post(url.clone())
+                        .headers(headers)
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| chain(&e))?;
+                    let (parts, body) = axum::http::Response::<reqwest::Body>::from(r).into_parts();
+                    Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
+                }
+            }
+        };
+        let (parts, body) = tokio::time::timeout_at(deadline, sent)
+            .await
+            .map_err(|_| UpstreamError::TimedOut)??;
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            deadline,
+        })
+    }
+}
+
+impl Answer {
+    /// The whole body.
+    pub async fn bytes(self) -> Result<Bytes, UpstreamError> {
+        match tokio::time::timeout_at(self.deadline, self.body.collect()).await {
+            Ok(Ok(c)) => Ok(c.to_bytes()),
+            Ok(Err(e)) => Err(chain(&*e)),
+            Err(_) => Err(UpstreamError::TimedOut),
+        }
+    }
+
+    /// The body's data as it arrives; the deadline ends it with an error.
+    pub fn stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
+        let sleep = Box::pin(tokio::time::sleep_until(self.deadline));
+        futures_util::stream::unfold(
+            (self.body, sleep, false),
+            move |(mut body, mut sleep, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let frame = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(f) = Pin::new(&mut body).poll_frame(cx) {
+                            return Poll::Ready(Some(f));
+                        }
+                        match sleep.as_mut().poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    })
+                    .await;
+                    match frame {
+                        None => {
+                            return Some((Err(UpstreamError::TimedOut), (body, sleep, true)));
+                        }
+                        Some(None) => return None,
+                        Some(Some(Err(e))) => return Some((Err(chain(&*e)), (body, sleep, true))),
+                        Some(Some(Ok(f))) => {
+                            // Trailers carry no data: skip them.
+                            if let Ok(data) = f.into_data() {
+                                return Some((Ok(data), (body, sleep, false)));
+                            }
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
