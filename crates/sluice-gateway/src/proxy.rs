@@ -526,7 +526,7 @@ async fn reserve_for(
         reserved_ns: None,
         caller: caller.id().to_owned(),
         request_id: None,
-        detail: Some(json!({"model": model.name}).to_string()),
+        detail: serde_json::to_string(&ModelDetail { model: &model.name }).ok(),
     };
     st.ledger.record(vec![row], None).await;
     st.alerts
@@ -939,9 +939,11 @@ async fn proxy_request(
             && !client_wants_usage
             && matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
         // The client's bytes go as they came unless the model's name or the stream options change.
-        let upstream_body = if model.upstream_name == first.name && !ask_usage && degraded.is_none()
-        {
+        let same = model.upstream_name == first.name && degraded.is_none();
+        let upstream_body = if same && !ask_usage {
             body.clone()
+        } else if same && req.get("stream_options").is_none() {
+            with_include_usage(&body)
         } else {
             let mut b = req.clone();
             b["model"] = Value::from(model.upstream_name.clone());
@@ -1014,6 +1016,27 @@ async fn proxy_request(
             failure.1,
         ),
     }
+}
+
+/// The client's JSON object with `"stream_options":{"include_usage":true}`
+/// added as its first member (the body has no `stream_options`), without
+/// re-serializing it.
+fn with_include_usage(body: &[u8]) -> Bytes {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
+    let rest = &body[open + 1..];
+    let empty = rest
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_none_or(|&b| b == b'}');
+    let mut out = Vec::with_capacity(body.len() + MEMBER.len() + 1);
+    out.extend_from_slice(&body[..=open.min(body.len().saturating_sub(1))]);
+    out.extend_from_slice(MEMBER);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Bytes::from(out)
 }
 
 /// Graceful degradation: for each subject of the call whose policy has
@@ -1128,6 +1151,24 @@ struct AnswerDetail<'a> {
     usage_reported: bool,
     endpoint: &'a str,
     cached_input_tokens: Option<u64>,
+}
+
+/// A reservation row's detail.
+#[derive(serde::Serialize)]
+struct ModelDetail<'a> {
+    model: &'a str,
+}
+
+/// A streamed call's settle detail (keys in the order a JSON map sorts them).
+#[derive(serde::Serialize)]
+struct StreamDetail<'a> {
+    cached_input_tokens: u64,
+    charged_from: &'static str,
+    completed: bool,
+    latency_ms: u64,
+    model: &'a str,
+    stream: bool,
+    upstream_model: &'a str,
 }
 
 /// Pass an upstream answer on and settle its reservation.
@@ -1252,17 +1293,18 @@ impl StreamSettle {
         }
         let st = Arc::clone(&self.st);
         let latency_ms = st.now().as_nanos().saturating_sub(self.started_ns) / 1_000_000;
-        let detail = json!({"model": self.model.name, "upstream_model": self.model.upstream_name, "stream": true,
-            "completed": completed, "charged_from": how, "latency_ms": latency_ms,
-            "cached_input_tokens": usage.cached_input});
+        let detail = serde_json::to_string(&StreamDetail {
+            cached_input_tokens: usage.cached_input,
+            charged_from: how,
+            completed,
+            latency_ms,
+            model: &self.model.name,
+            stream: true,
+            upstream_model: &self.model.upstream_name,
+        })
+        .ok();
         // In memory settled now; the ledger row is queued from a task (Drop cannot wait).
-        settle_soon(
-            &st,
-            id,
-            Some(actual),
-            Some(detail.to_string()),
-            self.request_id.take(),
-        );
+        settle_soon(&st, id, Some(actual), detail, self.request_id.take());
     }
 }
 
@@ -1702,6 +1744,22 @@ mod tests {
             serde_json::from_str::<ChatChunk<'_>>(r#"{"choices": [{"delta": {"content": [1]}}]}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn include_usage_is_spliced_as_the_tree_would_set_it() {
+        for body in [
+            r#"{"model":"m","stream":true,"messages":[]}"#,
+            "  {\n \"model\" : \"m\", \"stream\": true }  ",
+            "{}",
+            " { } ",
+        ] {
+            let spliced: Value = serde_json::from_slice(&with_include_usage(body.as_bytes()))
+                .unwrap_or_else(|e| panic!("{body}: {e}"));
+            let mut tree: Value = serde_json::from_str(body).unwrap();
+            tree["stream_options"]["include_usage"] = Value::from(true);
+            assert_eq!(spliced, tree, "{body}");
+        }
     }
 
     #[test]
