@@ -232,10 +232,64 @@ struct UsageOnly {
     usage: Value,
 }
 
-/// The usage in an answer's bytes.
+/// The usage in an answer's bytes: OpenAI's chat, completions and
+/// embeddings read into a struct; anything else, or a usage the struct
+/// cannot hold, through the tree ([`usage_fields`]).
 fn usage_in(endpoint: Endpoint, bytes: &[u8]) -> Option<TokenUsage> {
+    if matches!(
+        endpoint,
+        Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings
+    ) {
+        if let Ok(OpenAiAnswer { usage: Some(u) }) = serde_json::from_slice(bytes) {
+            if let Some(t) = u.token_usage(endpoint) {
+                return Some(t);
+            }
+        }
+    }
     let answer: UsageOnly = serde_json::from_slice(bytes).ok()?;
     usage_fields(endpoint, &answer.usage)
+}
+
+/// An OpenAI answer's `usage`, the rest skipped.
+#[derive(serde::Deserialize)]
+struct OpenAiAnswer {
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+}
+
+/// OpenAI's usage (chat, completions, embeddings), as [`usage_fields`] reads it.
+#[derive(serde::Deserialize)]
+struct OpenAiUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<CachedTokens>,
+}
+
+#[derive(serde::Deserialize)]
+struct CachedTokens {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl OpenAiUsage {
+    fn token_usage(&self, endpoint: Endpoint) -> Option<TokenUsage> {
+        Some(TokenUsage {
+            input: self.prompt_tokens?,
+            cached_input: self
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+            output: match endpoint {
+                Endpoint::Embeddings => 0,
+                _ => self.completion_tokens?,
+            },
+            ..TokenUsage::default()
+        })
+    }
 }
 
 fn usage_fields(endpoint: Endpoint, u: &Value) -> Option<TokenUsage> {
@@ -1409,14 +1463,14 @@ fn event_data(event: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 /// What Sluice reads of an OpenAI chat or completions chunk, borrowed from
-/// the event (every other field is skipped, never allocated). A chunk with
-/// `usage` is read again in full (once a stream).
+/// the event (every other field is skipped, never allocated). A usage the
+/// struct cannot hold sends the chunk through the tree.
 #[derive(serde::Deserialize)]
 struct ChatChunk<'a> {
     #[serde(default, borrow)]
     choices: Vec<ChatChoice<'a>>,
     #[serde(default)]
-    usage: Option<serde::de::IgnoredAny>,
+    usage: Option<OpenAiUsage>,
 }
 
 #[derive(serde::Deserialize)]
@@ -1465,6 +1519,17 @@ impl ChatChunk<'_> {
     }
 }
 
+/// A chat or completions chunk read without a tree: the text it streams,
+/// its usage, whether it has choices; `None` when it needs the tree.
+fn chat_chunk_fast(endpoint: Endpoint, data: &str) -> Option<(u64, Option<TokenUsage>, bool)> {
+    let chunk = serde_json::from_str::<ChatChunk<'_>>(data).ok()?;
+    let usage = match &chunk.usage {
+        None => None,
+        Some(u) => Some(u.token_usage(endpoint)?),
+    };
+    Some((chunk.text_bytes(), usage, !chunk.choices.is_empty()))
+}
+
 impl StreamSettle {
     /// Read one event (see [`StreamSettle::observe`]); whether to pass it on.
     fn observe_event(
@@ -1478,11 +1543,11 @@ impl StreamSettle {
         };
         if matches!(endpoint, Endpoint::Chat | Endpoint::Completions) {
             // The common chunk, read without building a tree.
-            if let Ok(chunk) = serde_json::from_str::<ChatChunk<'_>>(&data) {
-                if chunk.usage.is_none() {
-                    self.text_bytes += chunk.text_bytes();
-                    return true;
-                }
+            if let Some((text, usage, has_choices)) = chat_chunk_fast(endpoint, &data) {
+                self.text_bytes += text;
+                let Some(u) = usage else { return true };
+                self.usage = Some(u);
+                return client_wants_usage || has_choices;
             }
         }
         match serde_json::from_str::<Value>(&data) {
@@ -1744,6 +1809,54 @@ mod tests {
             serde_json::from_str::<ChatChunk<'_>>(r#"{"choices": [{"delta": {"content": [1]}}]}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn openai_usage_is_read_as_the_tree_reads_it() {
+        let usages = [
+            json!({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}),
+            json!({"prompt_tokens": 1000, "completion_tokens": 300,
+                "prompt_tokens_details": {"cached_tokens": 200, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 64}}),
+            json!({"prompt_tokens": 7, "completion_tokens": 1, "prompt_tokens_details": null}),
+            json!({"prompt_tokens": 7, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": "x"}}),
+            json!({"prompt_tokens": 7, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 2.5}}),
+            json!({"prompt_tokens": 7}),
+            json!({"prompt_tokens": -1, "completion_tokens": 1}),
+            json!({"completion_tokens": 1}),
+            json!({"prompt_tokens": "7", "completion_tokens": 1}),
+            json!(null),
+            json!("usage"),
+        ];
+        for endpoint in [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings] {
+            for u in &usages {
+                let answer =
+                    json!({"id": "x", "choices": [{"message": {"content": "hi"}}], "usage": u});
+                let tree = usage_fields(endpoint, u);
+                assert_eq!(
+                    usage_in(endpoint, answer.to_string().as_bytes()),
+                    tree,
+                    "{endpoint:?} {u}"
+                );
+                for choices in [json!([]), json!([{"delta": {"content": "abc"}}])] {
+                    let chunk = json!({"choices": choices, "usage": u});
+                    if let Some((text, usage, has_choices)) =
+                        chat_chunk_fast(endpoint, &chunk.to_string())
+                    {
+                        assert_eq!(usage, usage_of(endpoint, &chunk), "{endpoint:?} {chunk}");
+                        assert_eq!(text, if has_choices { 3 } else { 0 }, "{chunk}");
+                        assert_eq!(
+                            has_choices,
+                            !chunk["choices"].as_array().unwrap().is_empty()
+                        );
+                    } else {
+                        // Only a usage the struct cannot read goes to the tree.
+                        assert!(!u.is_null(), "{chunk}");
+                    }
+                }
+            }
+        }
+        assert_eq!(usage_in(Endpoint::Chat, b"{\"choices\": []}"), None);
     }
 
     #[test]
