@@ -661,9 +661,15 @@ fn refusal(
 enum Upstream {
     /// An answer to pass on (a success, or an error not worth retrying).
     Answer(crate::upstream::Answer),
-    /// Retries exhausted: the last error status and body, or a transport error.
-    Failed(Option<(StatusCode, Bytes)>, String),
+    /// Retries exhausted (or stopped): the last error status and body, or
+    /// a transport error; and whether an attempt may have been served.
+    Failed(Option<(StatusCode, Bytes)>, String, MaybeServed),
 }
+
+/// Whether a failed call may still have been served (and billed) upstream:
+/// an attempt timed out or broke after its request was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MaybeServed(bool);
 
 /// The wait an upstream asks for: `retry-after-ms`, then `retry-after`
 /// (seconds), then its rate-limit reset headers: OpenAI's
@@ -784,6 +790,15 @@ async fn call_upstream(
                 wait
             }
             Ok(r) => return Upstream::Answer(r),
+            // Sent, then lost: the provider may be serving it. Another
+            // attempt could be billed twice, so none is made.
+            Err(e) if e.maybe_served() => {
+                return Upstream::Failed(
+                    None,
+                    format!("upstream failed after the request was sent: {e}"),
+                    MaybeServed(true),
+                );
+            }
             Err(e) => {
                 last = (None, format!("upstream unreachable: {e}"));
                 backoff(proxy.backoff, attempt)
@@ -796,7 +811,7 @@ async fn call_upstream(
         }
         tokio::time::sleep(wait).await;
     }
-    Upstream::Failed(last.0, last.1)
+    Upstream::Failed(last.0, last.1, MaybeServed(false))
 }
 
 /// `POST /v1/chat/completions` (OpenAI wire).
@@ -938,10 +953,10 @@ pub async fn anthropic_count_tokens(
                 ),
             }
         }
-        Upstream::Failed(Some((status, bytes)), _) => {
+        Upstream::Failed(Some((status, bytes)), _, _) => {
             (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
-        Upstream::Failed(None, why) => wire_error(
+        Upstream::Failed(None, why, _) => wire_error(
             wire,
             StatusCode::BAD_GATEWAY,
             "api_error",
@@ -1026,13 +1041,16 @@ async fn proxy_request(
         guard.disarm();
         let resp = match called {
             Upstream::Answer(r) => r,
-            Upstream::Failed(last, why) => {
+            Upstream::Failed(last, why, maybe_served) => {
                 tracing::warn!("{} via {}: {why}", model.name, provider.name);
+                // Error answers and failures to connect cost nothing; a call
+                // that may have been served is charged its worst case.
                 finish(
                     &st,
                     &held.public,
-                    None,
-                    json!({"model": model.name, "error": why, "failover": more}),
+                    maybe_served.0.then_some(held.amounts),
+                    json!({"model": model.name, "error": why, "failover": more,
+                        "maybe_served": maybe_served.0}),
                     None,
                 )
                 .await;

@@ -40,7 +40,9 @@ type Direct = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub enum UpstreamError {
     /// The request's deadline passed.
     TimedOut,
-    /// Connecting, sending or reading failed.
+    /// No connection could be made: the request was not sent.
+    Connect(String),
+    /// Sending or reading failed once the request may have been sent.
     Transport(String),
     /// No URL for that provider and endpoint (a bug: every endpoint is parsed at start).
     NoUrl(String),
@@ -50,7 +52,7 @@ impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             UpstreamError::TimedOut => f.write_str("no complete answer within upstream_timeout_s"),
-            UpstreamError::Transport(e) => f.write_str(e),
+            UpstreamError::Connect(e) | UpstreamError::Transport(e) => f.write_str(e),
             UpstreamError::NoUrl(p) => write!(f, "no upstream URL for {p}"),
         }
     }
@@ -58,8 +60,20 @@ impl std::fmt::Display for UpstreamError {
 
 impl std::error::Error for UpstreamError {}
 
+impl UpstreamError {
+    /// Whether the provider may have received the request (and may bill
+    /// it): anything but a failure to connect.
+    pub fn maybe_served(&self) -> bool {
+        !matches!(self, UpstreamError::Connect(_) | UpstreamError::NoUrl(_))
+    }
+}
+
 /// An error and its causes, in one line (hyper's own message is only "client error (Connect)").
 fn chain(e: &(dyn std::error::Error + 'static)) -> UpstreamError {
+    UpstreamError::Transport(message(e))
+}
+
+fn message(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -67,7 +81,7 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> UpstreamError {
         s.push_str(&c.to_string());
         cause = c.source();
     }
-    UpstreamError::Transport(s)
+    s
 }
 
 struct Target {
@@ -232,7 +246,13 @@ impl Upstreams {
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/json"),
                     );
-                    let r = self.direct.request(req).await.map_err(|e| chain(&e))?;
+                    let r = self.direct.request(req).await.map_err(|e| {
+                        if e.is_connect() {
+                            UpstreamError::Connect(message(&e))
+                        } else {
+                            chain(&e)
+                        }
+                    })?;
                     let (parts, body) = r.into_parts();
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }
@@ -245,7 +265,13 @@ impl Upstreams {
                         .body(body)
                         .send()
                         .await
-                        .map_err(|e| chain(&e))?;
+                        .map_err(|e| {
+                            if e.is_connect() {
+                                UpstreamError::Connect(message(&e))
+                            } else {
+                                chain(&e)
+                            }
+                        })?;
                     let (parts, body) = axum::http::Response::<reqwest::Body>::from(r).into_parts();
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }

@@ -385,9 +385,10 @@ async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
 }
 
 /// `upstream_timeout_s` bounds an attempt from its send to the last byte of
-/// its body: an upstream too slow to answer is a 502 after the fallbacks (and
-/// charges nothing: no answer came); a stream too slow to finish is cut, and
-/// charged what it streamed. Nothing stays reserved.
+/// its body: an upstream too slow to answer is a 502 after the fallbacks, and
+/// each model tried is charged its worst case (the provider may still serve
+/// and bill a call it received; it is not retried); a stream too slow to
+/// finish is cut, and charged what it streamed. Nothing stays reserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_timeout_covers_the_answer_and_the_stream() {
     let (s, up, key, _dir) =
@@ -406,9 +407,19 @@ async fn the_upstream_timeout_covers_the_answer_and_the_stream() {
         "{:?}",
         r.body
     );
-    assert_eq!(up.requests(), 2, "the model, then its fallback");
+    assert_eq!(up.requests(), 2, "the model, then its fallback, each once");
     settled(&s).await;
-    assert_eq!(usage(&s).await["limits"][0]["used"].as_f64().unwrap(), 0.0);
+    let estimate = |model| {
+        sluice_gateway::proxy::estimate_input_tokens(
+            sluice_gateway::proxy::Endpoint::Chat,
+            model,
+            &chat(50),
+        )
+    };
+    let holds =
+        (estimate("fake-model-1") * 2 + 50 * 8 + estimate("gpt-backup") + 50 * 4) as f64 / 1e6;
+    let used = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
+    assert!((used - holds).abs() < 1e-9, "charged {used}, holds {holds}");
 
     let mut body = chat(50);
     body["stream"] = json!(true);
@@ -427,12 +438,48 @@ async fn the_upstream_timeout_covers_the_answer_and_the_stream() {
     assert!(text.contains("Hello"), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
     settled(&s).await;
-    let used = usage(&s).await["limits"][0]["used"].as_f64().unwrap();
-    assert!(used > 0.0, "what was streamed is charged");
+    let streamed = usage(&s).await["limits"][0]["used"].as_f64().unwrap() - used;
+    assert!(streamed > 0.0, "what was streamed is charged");
     assert!(
-        used <= (50 * 8 + 100 * 2) as f64 / 1e6,
-        "never more than the hold: {used}"
+        streamed <= (estimate("fake-model-1") * 2 + 50 * 8) as f64 / 1e6 + 1e-9,
+        "never more than the hold: {streamed}"
     );
+    s.stop().await;
+}
+
+/// An upstream nobody listens on: each model is tried `upstream_attempts`
+/// times, the answer is a 502, and nothing is charged (nothing was sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_charges_nothing() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/v1", l.local_addr().unwrap())
+    };
+    let (s, up, key, _dir) = setup_edited(
+        10.0,
+        "upstream_attempts = 2\nupstream_backoff_ms = 1\n",
+        |t| {
+            let start = t.find("base_url = \"").unwrap() + "base_url = \"".len();
+            let end = start + t[start..].find('"').unwrap();
+            format!("{}{dead}{}", &t[..start], &t[end..])
+        },
+    )
+    .await;
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(50)))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(up.requests(), 0);
+    settled(&s).await;
+    assert_eq!(usage(&s).await["limits"][0]["used"].as_f64().unwrap(), 0.0);
     s.stop().await;
 }
 

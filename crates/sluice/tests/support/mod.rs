@@ -93,6 +93,17 @@ impl Serve {
     }
 }
 
+/// A server a test did not stop (it failed, or did not need to) is killed
+/// with it, not left running.
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Run a CLI command to completion.
 pub fn run(cwd: &Path, args: &[&str]) -> Output {
     sluice(cwd).args(args).output().unwrap()
