@@ -489,6 +489,10 @@ pub struct ProviderDef {
     pub base_url: String,
     /// Environment variable holding the upstream key.
     pub api_key_env: Option<String>,
+    /// Extra CA certificates (PEM) to trust for this provider's `https://`
+    /// URL, besides the public roots (a self-hosted model server, a
+    /// corporate gateway).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// `[[models]]` as written.
@@ -541,6 +545,8 @@ pub struct Provider {
     pub base_url: String,
     /// The upstream key (never logged or sent to clients).
     pub api_key: Option<String>,
+    /// Extra CA certificates (PEM, checked to hold at least one) to trust.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -550,6 +556,7 @@ impl std::fmt::Debug for Provider {
             .field("wire", &self.wire)
             .field("base_url", &self.base_url)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("tls_ca", &self.tls_ca.is_some())
             .finish()
     }
 }
@@ -655,11 +662,47 @@ fn resolve_proxy(
             )?),
             None => None,
         };
+        let tls_ca = match &p.tls_ca_file {
+            None => None,
+            Some(_) if !p.base_url.starts_with("https://") => {
+                return Err(ConfigError::new(
+                    &key("tls_ca_file"),
+                    "only applies to an https:// base_url",
+                ));
+            }
+            Some(path) => {
+                use rustls::pki_types::CertificateDer;
+                use rustls::pki_types::pem::PemObject;
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::new(
+                        &key("tls_ca_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+                match certs {
+                    Ok(c) if !c.is_empty() => Some(pem),
+                    Ok(_) => {
+                        return Err(ConfigError::new(
+                            &key("tls_ca_file"),
+                            format!("{} holds no PEM certificate", path.display()),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(ConfigError::new(
+                            &key("tls_ca_file"),
+                            format!("{}: {e}", path.display()),
+                        ));
+                    }
+                }
+            }
+        };
         providers.push(Provider {
             name: p.name.clone(),
             wire,
             base_url: p.base_url.trim_end_matches('/').to_owned(),
             api_key,
+            tls_ca,
         });
     }
     let file_prices = match &file.pricing_file {
@@ -1187,6 +1230,23 @@ mod tests {
                 "providers[0].api_key_env",
             ),
             (format!("{PROVIDER}{PROVIDER}"), "providers[1].name"),
+            (
+                format!("{PROVIDER}tls_ca_file = \"/nonexistent/ca.pem\"\n"),
+                "providers[0].tls_ca_file",
+            ),
+            (
+                // A file that is no certificate (this source file).
+                format!(
+                    "{PROVIDER}tls_ca_file = \"{}\"\n",
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/src/config.rs")
+                ),
+                "providers[0].tls_ca_file",
+            ),
+            (
+                format!("{PROVIDER}tls_ca_file = \"/nonexistent/ca.pem\"\n")
+                    .replace("https://", "http://"),
+                "providers[0].tls_ca_file",
+            ),
             (
                 model("provider = \"x\"\n").replace("provider = \"openai\"\nprovider", "provider"),
                 "models[0].provider",

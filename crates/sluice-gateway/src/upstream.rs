@@ -1,6 +1,7 @@
 //! The proxy's client to upstream providers.
 //!
-//! hyper's pooled HTTP/1.1 client over rustls (ring, the webpki roots), with
+//! hyper's pooled HTTP/1.1 client over rustls (ring, the webpki roots plus a
+//! provider's own `tls_ca_file`), with
 //! every provider's endpoint URIs parsed once at start. A call builds one
 //! `http::Request` from a cloned URI and sends it: no URL re-parsing, no
 //! redirect or retry layers (Sluice retries itself, and an LLM API does not
@@ -95,9 +96,72 @@ struct Target {
 
 /// Every provider's endpoints and the clients to call them.
 pub struct Upstreams {
+    /// Per provider (providers trusting only the public roots share one pool).
+    clients: Vec<Clients>,
+    targets: Vec<Vec<Target>>,
+}
+
+/// The clients for one set of trusted roots: direct, and through an env proxy.
+#[derive(Clone)]
+struct Clients {
     direct: Direct,
     proxied: reqwest::Client,
-    targets: Vec<Vec<Target>>,
+}
+
+impl Clients {
+    /// Trusting the webpki roots, plus the CA certificates in `extra_ca` (PEM).
+    fn new(extra_ca: Option<&[u8]>) -> Result<Clients, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let extra: Vec<CertificateDer<'static>> = match extra_ca {
+            None => Vec::new(),
+            Some(pem) => CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("tls_ca_file: {e}"))?,
+        };
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        for cert in &extra {
+            roots
+                .add(cert.clone())
+                .map_err(|e| format!("tls_ca_file: {e}"))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS for upstreams: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let direct = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        let mut proxied = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // An LLM API does not redirect; a redirect is passed on, never followed with the key.
+            .redirect(reqwest::redirect::Policy::none());
+        for cert in &extra {
+            let cert =
+                reqwest::Certificate::from_der(cert).map_err(|e| format!("tls_ca_file: {e}"))?;
+            proxied = proxied.add_root_certificate(cert);
+        }
+        let proxied = proxied
+            .build()
+            .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
+        Ok(Clients { direct, proxied })
+    }
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -178,40 +242,18 @@ impl Upstreams {
                     .collect::<Result<Vec<_>, String>>()
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("cannot set up TLS for upstreams: {e}"))?
-        .with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
-        .with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let direct = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
-        let proxied = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            // An LLM API does not redirect; a redirect is passed on, never followed with the key.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
-        Ok(Upstreams {
-            direct,
-            proxied,
-            targets,
-        })
+        let default = Clients::new(None)?;
+        let clients = proxy
+            .providers
+            .iter()
+            .map(|p| match &p.tls_ca {
+                None => Ok(default.clone()),
+                Some(pem) => {
+                    Clients::new(Some(pem)).map_err(|e| format!("provider {}: {e}", p.name))
+                }
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Upstreams { clients, targets })
     }
 
     /// `POST` `body` (JSON) to a provider's endpoint with `headers` added,
@@ -224,11 +266,12 @@ impl Upstreams {
         body: Bytes,
         deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
-        let Some(target) = self
-            .targets
-            .get(provider)
-            .and_then(|ts| ts.iter().find(|t| t.path == path))
-        else {
+        let (Some(target), Some(clients)) = (
+            self.targets
+                .get(provider)
+                .and_then(|ts| ts.iter().find(|t| t.path == path)),
+            self.clients.get(provider),
+        ) else {
             return Err(UpstreamError::NoUrl(path.to_owned()));
         };
         let mut headers = headers;
@@ -246,7 +289,7 @@ impl Upstreams {
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/json"),
                     );
-                    let r = self.direct.request(req).await.map_err(|e| {
+                    let r = clients.direct.request(req).await.map_err(|e| {
                         if e.is_connect() {
                             UpstreamError::Connect(message(&e))
                         } else {
@@ -257,7 +300,7 @@ impl Upstreams {
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }
                 Some(url) => {
-                    let r = self
+                    let r = clients
                         .proxied
                         .post(url.clone())
                         .headers(headers)

@@ -483,6 +483,74 @@ async fn an_unreachable_upstream_charges_nothing() {
     s.stop().await;
 }
 
+/// An `https://` provider: with its private CA in `tls_ca_file`, calls and
+/// streams go through TLS and are charged exactly; without it, the
+/// certificate is refused (a 502, nothing charged, nothing sent). Needs
+/// `openssl` to make the CA; skipped with a notice without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_are_verified_against_the_roots_and_tls_ca_file() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("NOTICE: openssl not found; skipping the https upstream test");
+        return;
+    }
+    let certs = TempDir::new("upstream-tls");
+    sluice_test_support::tls::certificates(&certs.0);
+    let read = |f: &str| std::fs::read(certs.0.join(f)).unwrap();
+    let ca = certs.0.join("ca.crt");
+    for trusted in [true, false] {
+        let up = FakeUpstream::start_tls(&read("server.crt"), &read("server.key")).await;
+        assert!(up.base_url.starts_with("https://"));
+        let dir = TempDir::new("proxy-tls");
+        let mut toml = config_for(&up, "upstream_attempts = 1\n");
+        if trusted {
+            toml = toml.replace(
+                "api_key_env = \"FAKE_UPSTREAM_KEY\"\n",
+                &format!(
+                    "api_key_env = \"FAKE_UPSTREAM_KEY\"\ntls_ca_file = \"{}\"\n",
+                    ca.display()
+                ),
+            );
+        }
+        let s = Server::start_config(&dir, &toml).await;
+        let (s, up, key, _dir) = setup_agent(s, up, dir, 10.0).await;
+        let r = s
+            .call(Method::POST, "/v1/chat/completions", &key, Some(chat(500)))
+            .await;
+        if !trusted {
+            assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
+            let why = r.body["error"]["message"].as_str().unwrap();
+            assert!(why.contains("certificate"), "{why}");
+            assert_eq!(up.requests(), 0);
+            settled(&s).await;
+            assert_eq!(usage(&s).await["limits"][0]["used"].as_f64().unwrap(), 0.0);
+            s.stop().await;
+            continue;
+        }
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(
+            r.body["choices"][0]["message"]["content"],
+            "Hello from the fake"
+        );
+        assert_eq!(
+            up.received()[0].headers["authorization"],
+            "Bearer upstream-secret"
+        );
+        // 12 in × $2 + 5 out × $8 per million.
+        assert_eq!(usage(&s).await["limits"][0]["used"], 0.000064);
+        let mut body = chat(500);
+        body["stream"] = json!(true);
+        let text = stream_call(&s, &key, body).await.text().await.unwrap();
+        assert!(text.contains("[DONE]"), "{text}");
+        settled(&s).await;
+        assert_eq!(usage(&s).await["limits"][0]["used"], 0.000128);
+        s.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_pushback_is_retried_and_then_fails_over() {
     let (s, up, key, _dir) =

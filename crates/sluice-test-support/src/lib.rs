@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod redis_cluster;
+pub mod tls;
 pub mod upstream;
 
 use std::path::PathBuf;
