@@ -13,8 +13,8 @@
 //! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, in either case) is
 //! called through reqwest instead, which speaks to proxies.
 //!
-//! The caller's deadline (the request's `upstream_timeout_s`, over all its
-//! attempts) covers an attempt from its send to the last byte of its body,
+//! The caller's deadline (`upstream_timeout_s` from the first attempt on a
+//! model) covers an attempt from its send to the last byte of its body,
 //! streamed or not.
 
 use std::future::Future;
