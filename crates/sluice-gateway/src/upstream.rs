@@ -69,11 +69,18 @@ impl UpstreamError {
     }
 }
 
-/// An error and its causes, in one line (hyper's own message is only "client error (Connect)").
-fn chain(e: &(dyn std::error::Error + 'static)) -> UpstreamError {
-    UpstreamError::Transport(message(e))
+/// A send's error, its causes in one line (hyper's own message is only
+/// "client error (Connect)"): `Connect` when no connection was made.
+fn send_error(e: &(dyn std::error::Error + 'static), connect: bool) -> UpstreamError {
+    let text = message(e);
+    if connect {
+        UpstreamError::Connect(text)
+    } else {
+        UpstreamError::Transport(text)
+    }
 }
 
+/// An error and its causes, in one line.
 fn message(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
@@ -289,13 +296,11 @@ impl Upstreams {
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/json"),
                     );
-                    let r = clients.direct.request(req).await.map_err(|e| {
-                        if e.is_connect() {
-                            UpstreamError::Connect(message(&e))
-                        } else {
-                            chain(&e)
-                        }
-                    })?;
+                    let r = clients
+                        .direct
+                        .request(req)
+                        .await
+                        .map_err(|e| send_error(&e, e.is_connect()))?;
                     let (parts, body) = r.into_parts();
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }
@@ -308,13 +313,7 @@ impl Upstreams {
                         .body(body)
                         .send()
                         .await
-                        .map_err(|e| {
-                            if e.is_connect() {
-                                UpstreamError::Connect(message(&e))
-                            } else {
-                                chain(&e)
-                            }
-                        })?;
+                        .map_err(|e| send_error(&e, e.is_connect()))?;
                     let (parts, body) = axum::http::Response::<reqwest::Body>::from(r).into_parts();
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }
@@ -337,7 +336,7 @@ impl Answer {
     pub async fn bytes(self) -> Result<Bytes, UpstreamError> {
         match tokio::time::timeout_at(self.deadline, self.body.collect()).await {
             Ok(Ok(c)) => Ok(c.to_bytes()),
-            Ok(Err(e)) => Err(chain(&*e)),
+            Ok(Err(e)) => Err(send_error(&*e, false)),
             Err(_) => Err(UpstreamError::TimedOut),
         }
     }
@@ -369,7 +368,9 @@ impl Answer {
                             return Some((Err(UpstreamError::TimedOut), (body, sleep, true)));
                         }
                         Some(None) => return None,
-                        Some(Some(Err(e))) => return Some((Err(chain(&*e)), (body, sleep, true))),
+                        Some(Some(Err(e))) => {
+                            return Some((Err(send_error(&*e, false)), (body, sleep, true)));
+                        }
                         Some(Some(Ok(f))) => {
                             // Trailers carry no data: skip them.
                             if let Ok(data) = f.into_data() {
