@@ -295,6 +295,16 @@ async fn stream_call(s: &Server, key: &str, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// A chat call that must fail with a 502 whose message mentions `why`.
+async fn bad_gateway(s: &Server, key: &str, why: &str) {
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", key, Some(chat(50)))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(why), "{message}");
+}
+
 /// Wait (bounded) until no reservation is outstanding.
 async fn settled(s: &Server) {
     for _ in 0..200 {
@@ -395,18 +405,7 @@ async fn the_upstream_timeout_covers_the_answer_and_the_stream() {
         setup_with(10.0, "upstream_attempts = 1\nupstream_timeout_s = 0.5\n").await;
     // Four chunks 200 ms apart: the non-streaming answer would take 800 ms.
     up.set_chunk_delay(std::time::Duration::from_millis(200));
-    let r = s
-        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(50)))
-        .await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
-    assert!(
-        r.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("upstream"),
-        "{:?}",
-        r.body
-    );
+    bad_gateway(&s, &key, "upstream").await;
     assert_eq!(up.requests(), 2, "the model, then its fallback, each once");
     settled(&s).await;
     let estimate = |model| {
@@ -465,18 +464,7 @@ async fn an_unreachable_upstream_charges_nothing() {
         },
     )
     .await;
-    let r = s
-        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(50)))
-        .await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
-    assert!(
-        r.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("unreachable"),
-        "{:?}",
-        r.body
-    );
+    bad_gateway(&s, &key, "unreachable").await;
     assert_eq!(up.requests(), 0);
     settled(&s).await;
     assert_eq!(usage(&s).await["limits"][0]["used"].as_f64().unwrap(), 0.0);
@@ -517,19 +505,17 @@ async fn https_upstreams_are_verified_against_the_roots_and_tls_ca_file() {
         }
         let s = Server::start_config(&dir, &toml).await;
         let (s, up, key, _dir) = setup_agent(s, up, dir, 10.0).await;
-        let r = s
-            .call(Method::POST, "/v1/chat/completions", &key, Some(chat(500)))
-            .await;
         if !trusted {
-            assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
-            let why = r.body["error"]["message"].as_str().unwrap();
-            assert!(why.contains("certificate"), "{why}");
+            bad_gateway(&s, &key, "certificate").await;
             assert_eq!(up.requests(), 0);
             settled(&s).await;
             assert_eq!(usage(&s).await["limits"][0]["used"].as_f64().unwrap(), 0.0);
             s.stop().await;
             continue;
         }
+        let r = s
+            .call(Method::POST, "/v1/chat/completions", &key, Some(chat(500)))
+            .await;
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
         assert_eq!(
             r.body["choices"][0]["message"]["content"],
