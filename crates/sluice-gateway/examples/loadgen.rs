@@ -8,7 +8,8 @@
 //! not hidden (no coordinated omission, as in wrk2); on schedule it is
 //! measured from the send (tokio's timer may wake up to 1 ms late). Bounded in time (`--secs`) and count (`--max`).
 //!
-//! `loadgen URL --body JSON [--header 'k: v'] [--conns 32] [--secs 10] [--rate R] [--max N]`
+//! `loadgen URL --body JSON [--header 'k: v'] [--conns 32] [--secs 10] [--rate R] [--max N] [--unique]`
+//! (`--unique`: the first `{n}` in the body becomes a number no other request, of this run or another, gets).
 //! prints one JSON line: requests, errors, rps, p50/p90/p99/p999/max in µs.
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ struct Opts {
     secs: u64,
     rate: Option<f64>,
     max: u64,
+    unique: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -40,6 +42,7 @@ fn parse() -> Result<Opts, String> {
         secs: 10,
         rate: None,
         max: 10_000_000,
+        unique: false,
     };
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
@@ -54,6 +57,7 @@ fn parse() -> Result<Opts, String> {
             "--secs" => o.secs = val()?.parse().map_err(|_| "--secs")?,
             "--rate" => o.rate = Some(val()?.parse().map_err(|_| "--rate")?),
             "--max" => o.max = val()?.parse().map_err(|_| "--max")?,
+            "--unique" => o.unique = true,
             url if o.url.is_empty() => o.url = url.into(),
             other => return Err(format!("unexpected {other}")),
         }
@@ -144,8 +148,17 @@ async fn main() -> Result<(), String> {
                 for (k, v) in &o.headers {
                     req = req.header(k.as_str(), v.as_str());
                 }
+                let body = if o.unique {
+                    // The process id in the high bits: no two runs share a number either.
+                    static N: AtomicU64 = AtomicU64::new(0);
+                    let n =
+                        (u64::from(std::process::id()) << 32) | N.fetch_add(1, Ordering::Relaxed);
+                    o.body.replacen("{n}", &n.to_string(), 1)
+                } else {
+                    o.body.clone()
+                };
                 let req = req
-                    .body(Full::new(Bytes::from(o.body.clone())))
+                    .body(Full::new(Bytes::from(body)))
                     .map_err(|e| e.to_string())?;
                 match send.send_request(req).await {
                     Ok(resp) => {

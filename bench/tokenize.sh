@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# What counting a prompt's tokens costs the proxy: max throughput through
+# Sluice (non-streaming, one core) with a ~2 KB user message that is the same
+# on every call (its token count comes from the cache) and one made unique
+# per call (`loadgen --unique`: tiktoken runs every time), back to back in
+# each of ROUNDS rounds. The difference of the two per-call times is the
+# cost of counting that message. Same placement as bench/proxy.sh
+# (load generator and fake upstream on core 0, sluice on core 1). Loopback
+# only; bounded in time.
+#
+#   bash bench/tokenize.sh            # ROUNDS=3, SECS=5
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS="${SECS:-5}"
+ROUNDS="${ROUNDS:-3}"
+cargo build --release -q -p sluice
+cargo build --release -q -p sluice-gateway --example fake_upstream --example loadgen
+BIN=target/release
+WORK="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+PIN0=""; PIN1=""
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN0="taskset -c 0"; PIN1="taskset -c 1"; fi
+source bench/lib.sh
+
+$PIN0 "$BIN/examples/fake_upstream" 2>"$WORK/up.log" >/dev/null &
+UP="$(wait_addr "$WORK/up.log")"
+ADMIN="bench-admin-key-0123456789abcdef"
+printf '[[providers]]\nname = "fake"\nformat = "openai"\nbase_url = "%s/v1"\napi_key_env = "BENCH_UPSTREAM_KEY"\n[[models]]\nname = "gpt-4o-mini"\nprovider = "fake"\n' "$UP" >"$WORK/sluice.toml"
+BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN1 "$BIN/sluice" serve \
+  --listen 127.0.0.1:0 --data-dir "$WORK/data" --config "$WORK/sluice.toml" 2>"$WORK/sluice.log" >/dev/null &
+SLUICE="$(wait_addr "$WORK/sluice.log")"
+KEY="$(curl -fsS -X POST "$SLUICE/v1/keys" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
+  -d '{"subject": "agent://bench/prod/bot"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+# ~2 KB of prose; {n} is where --unique puts the call's number.
+TEXT="$(python3 -c "print(('Call {n}. ' + 'The quick brown fox jumps over the lazy dog while the agent plans its next tool call and summarises the results so far. ' * 17).strip())")"
+BODY="{\"model\": \"gpt-4o-mini\", \"max_tokens\": 64, \"messages\": [{\"role\": \"user\", \"content\": \"$TEXT\"}]}"
+load() { $PIN0 "$BIN/examples/loadgen" "$SLUICE/v1/chat/completions" --body "$BODY" \
+  --header "authorization: Bearer $KEY" --conns 32 --secs "$SECS" "$@"; }
+load --secs 2 >/dev/null
+echo "| round | same message, max rps | unique message, max rps | µs per call, same | µs per call, unique | counting costs (µs) |"
+echo "|---|---:|---:|---:|---:|---:|"
+for r in $(seq 1 "$ROUNDS"); do
+  A="$(field "$(load)" rps)"; B="$(field "$(load --unique)" rps)"
+  echo "| $r | $A | $B | $(python3 -c "print(f'{1e6/$A:.1f}')") | $(python3 -c "print(f'{1e6/$B:.1f}')") | $(python3 -c "print(f'{1e6/$B - 1e6/$A:.1f}')") |"
+done
