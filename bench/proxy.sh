@@ -54,25 +54,14 @@ $PIN_PROXY "$BIN/examples/bare_proxy" "$UP/v1" 2>"$WORK/bare.log" &
 BARE="$(wait_addr "$WORK/bare.log")"
 
 ADMIN="bench-admin-key-0123456789abcdef"
-cat >"$WORK/sluice.toml" <<EOF
-[[providers]]
-name = "fake"
-format = "openai"
-base_url = "$UP/v1"
-api_key_env = "BENCH_UPSTREAM_KEY"
-
-[[models]]
-name = "gpt-4o-mini"            # priced from the built-in table
-provider = "fake"
-EOF
+fake_provider_toml "$UP" "$WORK/sluice.toml"   # gpt-4o-mini, priced from the built-in table
 BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN_PROXY "$BIN/sluice" serve \
   --listen 127.0.0.1:0 --data-dir "$WORK/data" --config "$WORK/sluice.toml" 2>"$WORK/sluice.log" &
 SLUICE="$(wait_addr "$WORK/sluice.log")"
 AGENT="agent://bench/prod/bot"
 curl -fsS -X PUT "$SLUICE/v1/policies/$AGENT" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
   -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
-KEY="$(curl -fsS -X POST "$SLUICE/v1/keys" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
-  -d "{\"subject\": \"$AGENT\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+KEY="$(agent_key "$SLUICE" "$ADMIN" "$AGENT")"
 
 body() { # $1: stream true|false
   echo "{\"model\": \"gpt-4o-mini\", \"max_tokens\": 64, \"stream\": $1, \"messages\": [{\"role\": \"user\", \"content\": \"Say hello in one short sentence, please.\"}]}"

@@ -25,12 +25,11 @@ source bench/lib.sh
 $PIN0 "$BIN/examples/fake_upstream" 2>"$WORK/up.log" >/dev/null &
 UP="$(wait_addr "$WORK/up.log")"
 ADMIN="bench-admin-key-0123456789abcdef"
-printf '[[providers]]\nname = "fake"\nformat = "openai"\nbase_url = "%s/v1"\napi_key_env = "BENCH_UPSTREAM_KEY"\n[[models]]\nname = "gpt-4o-mini"\nprovider = "fake"\n' "$UP" >"$WORK/sluice.toml"
+fake_provider_toml "$UP" "$WORK/sluice.toml"
 BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN1 "$BIN/sluice" serve \
   --listen 127.0.0.1:0 --data-dir "$WORK/data" --config "$WORK/sluice.toml" 2>"$WORK/sluice.log" >/dev/null &
 SLUICE="$(wait_addr "$WORK/sluice.log")"
-KEY="$(curl -fsS -X POST "$SLUICE/v1/keys" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
-  -d '{"subject": "agent://bench/prod/bot"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')"
+KEY="$(agent_key "$SLUICE" "$ADMIN" "agent://bench/prod/bot")"
 # ~2 KB of prose; {n} is where --unique puts the call's number.
 TEXT="$(python3 -c "print(('Call {n}. ' + 'The quick brown fox jumps over the lazy dog while the agent plans its next tool call and summarises the results so far. ' * 17).strip())")"
 BODY="{\"model\": \"gpt-4o-mini\", \"max_tokens\": 64, \"messages\": [{\"role\": \"user\", \"content\": \"$TEXT\"}]}"

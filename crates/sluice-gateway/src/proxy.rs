@@ -297,17 +297,15 @@ fn usage_fields(endpoint: Endpoint, u: &Value) -> Option<TokenUsage> {
         return None;
     }
     match endpoint {
-        Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings => Some(TokenUsage {
-            input: u.get("prompt_tokens")?.as_u64()?,
-            cached_input: u["prompt_tokens_details"]["cached_tokens"]
-                .as_u64()
-                .unwrap_or(0),
-            output: match endpoint {
-                Endpoint::Embeddings => 0,
-                _ => u.get("completion_tokens")?.as_u64()?,
-            },
-            ..TokenUsage::default()
-        }),
+        // The same rule as the struct read; a field of the wrong type reads as absent.
+        Endpoint::Chat | Endpoint::Completions | Endpoint::Embeddings => OpenAiUsage {
+            prompt_tokens: u["prompt_tokens"].as_u64(),
+            completion_tokens: u["completion_tokens"].as_u64(),
+            prompt_tokens_details: Some(CachedTokens {
+                cached_tokens: u["prompt_tokens_details"]["cached_tokens"].as_u64(),
+            }),
+        }
+        .token_usage(endpoint),
         Endpoint::Responses => Some(TokenUsage {
             input: u.get("input_tokens")?.as_u64()?,
             cached_input: u["input_tokens_details"]["cached_tokens"]
@@ -756,7 +754,7 @@ async fn call_upstream(
     let provider = &proxy.providers[provider_index];
     #[allow(clippy::disallowed_methods)] // a deadline for sleeping, not a decision's clock
     let deadline = tokio::time::Instant::now() + proxy.timeout;
-    // The provider's key is added by the client (it never passes through here).
+    // The provider's key is added by `Upstreams::post` (it never passes through here).
     let mut headers = HeaderMap::new();
     if provider.wire == Wire::Anthropic {
         let version = client_headers
@@ -1095,14 +1093,15 @@ async fn proxy_request(
 /// re-serializing it.
 fn with_include_usage(body: &[u8]) -> Bytes {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
-    let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
-    let rest = &body[open + 1..];
+    // The body parsed as an object, so it has an opening brace.
+    let start = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+    let (head, rest) = body.split_at(start);
     let empty = rest
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_none_or(|&b| b == b'}');
     let mut out = Vec::with_capacity(body.len() + MEMBER.len() + 1);
-    out.extend_from_slice(&body[..=open.min(body.len().saturating_sub(1))]);
+    out.extend_from_slice(head);
     out.extend_from_slice(MEMBER);
     if !empty {
         out.push(b',');

@@ -91,7 +91,7 @@ pub struct AppState {
     pub alerts: crate::alerts::Alerts,
     /// Intent id counter.
     pub intents: AtomicU64,
-    /// The proxy's client to upstream providers.
+    /// The client alert webhooks are delivered with (each delivery sets its own timeout).
     pub http: reqwest::Client,
     /// The proxy's client to the providers, their endpoint URLs parsed once.
     pub upstreams: crate::upstream::Upstreams,
@@ -314,14 +314,11 @@ impl Gateway {
             upstreams: crate::upstream::Upstreams::new(&config.proxy, crate::proxy::UPSTREAM_PATHS)
                 .map_err(StartError::Io)?,
             http: reqwest::Client::builder()
-                .timeout(config.proxy.timeout)
                 .connect_timeout(Duration::from_secs(10))
-                // An LLM API does not redirect; a redirect is passed on, never followed with the key.
+                // A signed alert goes where it was configured to, not where a redirect points.
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
-                .map_err(|e| {
-                    StartError::Io(format!("cannot build the upstream HTTP client: {e}"))
-                })?,
+                .map_err(|e| StartError::Io(format!("cannot build the webhook client: {e}")))?,
             config,
             policies: RwLock::new(policies),
         });

@@ -92,20 +92,26 @@ fn message(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// One endpoint of a provider.
 struct Target {
     path: &'static str,
-    /// The provider's key, as its wire sends it (marked sensitive: never logged).
-    auth: Option<(header::HeaderName, HeaderValue)>,
     uri: Uri,
     /// Set when the environment's proxy settings intercept this URL.
     via_proxy: Option<reqwest::Url>,
 }
 
+/// What calling one provider takes.
+struct ProviderClient {
+    /// The provider's key, as its wire sends it (marked sensitive: never logged).
+    auth: Option<(header::HeaderName, HeaderValue)>,
+    /// Providers trusting only the public roots share one pool.
+    clients: Clients,
+    targets: Vec<Target>,
+}
+
 /// Every provider's endpoints and the clients to call them.
 pub struct Upstreams {
-    /// Per provider (providers trusting only the public roots share one pool).
-    clients: Vec<Clients>,
-    targets: Vec<Vec<Target>>,
+    providers: Vec<ProviderClient>,
 }
 
 /// The clients for one set of trusted roots: direct, and through an env proxy.
@@ -174,7 +180,7 @@ impl Clients {
 impl std::fmt::Debug for Upstreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstreams")
-            .field("providers", &self.targets.len())
+            .field("providers", &self.providers.len())
             .finish_non_exhaustive()
     }
 }
@@ -201,66 +207,29 @@ impl Upstreams {
     /// Parse every provider's endpoint URLs (`paths` under each base URL) and build the clients.
     pub fn new(proxy: &crate::config::Proxy, paths: &[&'static str]) -> Result<Self, String> {
         let env_proxies = hyper_util::client::proxy::matcher::Matcher::from_env();
-        let targets = proxy
+        let default = Clients::new(None)?;
+        let providers = proxy
             .providers
             .iter()
             .map(|p| {
-                let auth = match &p.api_key {
-                    None => None,
-                    Some(k) => {
-                        let (name, value) = match p.wire {
-                            crate::config::Wire::OpenAi => (header::AUTHORIZATION, format!("Bearer {k}")),
-                            crate::config::Wire::Anthropic => {
-                                (header::HeaderName::from_static("x-api-key"), k.clone())
-                            }
-                        };
-                        let mut value = HeaderValue::try_from(value).map_err(|_| {
-                            format!("provider {}: the API key is not a valid header value", p.name)
-                        })?;
-                        value.set_sensitive(true);
-                        Some((name, value))
+                let targets = paths
+                    .iter()
+                    .map(|path| target(p, path, &env_proxies))
+                    .collect::<Result<Vec<_>, String>>()?;
+                let clients = match &p.tls_ca {
+                    None => default.clone(),
+                    Some(pem) => {
+                        Clients::new(Some(pem)).map_err(|e| format!("provider {}: {e}", p.name))?
                     }
                 };
-                paths
-                    .iter()
-                    .map(|path| {
-                        let url = format!("{}/{path}", p.base_url);
-                        let bad = |e: &dyn std::fmt::Display| {
-                            format!("provider {}: bad URL {url}: {e}", p.name)
-                        };
-                        let uri: Uri = url.parse().map_err(|e| bad(&e))?;
-                        let via_proxy = match env_proxies.intercept(&uri) {
-                            Some(_) => {
-                                tracing::info!(
-                                    "provider {}: {url} is called through the HTTP proxy set in the environment",
-                                    p.name
-                                );
-                                Some(reqwest::Url::parse(&url).map_err(|e| bad(&e))?)
-                            }
-                            None => None,
-                        };
-                        Ok(Target {
-                            path,
-                            auth: auth.clone(),
-                            uri,
-                            via_proxy,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, String>>()
+                Ok(ProviderClient {
+                    auth: auth(p)?,
+                    clients,
+                    targets,
+                })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let default = Clients::new(None)?;
-        let clients = proxy
-            .providers
-            .iter()
-            .map(|p| match &p.tls_ca {
-                None => Ok(default.clone()),
-                Some(pem) => {
-                    Clients::new(Some(pem)).map_err(|e| format!("provider {}: {e}", p.name))
-                }
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        Ok(Upstreams { clients, targets })
+        Ok(Upstreams { providers })
     }
 
     /// `POST` `body` (JSON) to a provider's endpoint with `headers` added,
@@ -269,20 +238,18 @@ impl Upstreams {
         &self,
         provider: usize,
         path: &str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         body: Bytes,
         deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
-        let (Some(target), Some(clients)) = (
-            self.targets
-                .get(provider)
-                .and_then(|ts| ts.iter().find(|t| t.path == path)),
-            self.clients.get(provider),
-        ) else {
+        let Some((p, target)) = self.providers.get(provider).and_then(|p| {
+            let t = p.targets.iter().find(|t| t.path == path)?;
+            Some((p, t))
+        }) else {
             return Err(UpstreamError::NoUrl(path.to_owned()));
         };
-        let mut headers = headers;
-        if let Some((name, value)) = &target.auth {
+        let clients = &p.clients;
+        if let Some((name, value)) = &p.auth {
             headers.insert(name.clone(), value.clone());
         }
         let sent = async {
@@ -329,6 +296,50 @@ impl Upstreams {
             deadline,
         })
     }
+}
+
+/// The provider's key as its wire sends it: `authorization: Bearer` (OpenAI)
+/// or `x-api-key` (Anthropic).
+fn auth(p: &crate::config::Provider) -> Result<Option<(header::HeaderName, HeaderValue)>, String> {
+    let Some(k) = &p.api_key else { return Ok(None) };
+    let (name, value) = match p.wire {
+        crate::config::Wire::OpenAi => (header::AUTHORIZATION, format!("Bearer {k}")),
+        crate::config::Wire::Anthropic => (header::HeaderName::from_static("x-api-key"), k.clone()),
+    };
+    let mut value = HeaderValue::try_from(value).map_err(|_| {
+        format!(
+            "provider {}: the API key is not a valid header value",
+            p.name
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(Some((name, value)))
+}
+
+/// A provider's endpoint `path`, and whether the environment proxies it.
+fn target(
+    p: &crate::config::Provider,
+    path: &'static str,
+    env_proxies: &hyper_util::client::proxy::matcher::Matcher,
+) -> Result<Target, String> {
+    let url = format!("{}/{path}", p.base_url);
+    let bad = |e: &dyn std::fmt::Display| format!("provider {}: bad URL {url}: {e}", p.name);
+    let uri: Uri = url.parse().map_err(|e| bad(&e))?;
+    let via_proxy = match env_proxies.intercept(&uri) {
+        None => None,
+        Some(_) => {
+            tracing::info!(
+                "provider {}: {url} is called through the HTTP proxy set in the environment",
+                p.name
+            );
+            Some(reqwest::Url::parse(&url).map_err(|e| bad(&e))?)
+        }
+    };
+    Ok(Target {
+        path,
+        uri,
+        via_proxy,
+    })
 }
 
 impl Answer {
