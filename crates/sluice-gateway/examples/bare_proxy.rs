@@ -1,6 +1,6 @@
 //! The proxy benchmark's second yardstick: the least an HTTP proxy on the same
-//! stack as Sluice does (axum server, hyper's pooled client as in
-//! `sluice_gateway::upstream`, mimalloc, TCP_NODELAY):
+//! stack as Sluice does (axum server, Sluice's upstream connection pool
+//! `sluice_gateway::upstream::Pool`, mimalloc, TCP_NODELAY):
 //! forward `POST /v1/chat/completions` to the upstream and pass the answer
 //! (streamed or not) back. No keys, limits, token counts or ledger. What it
 //! costs over a direct call is the price of the extra hop itself on this
@@ -20,14 +20,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt;
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<Bytes>,
->;
-
 #[derive(Clone)]
 struct Upstream {
-    http: Client,
+    http: sluice_gateway::upstream::Pool,
     uri: axum::http::Uri,
 }
 
@@ -44,7 +39,7 @@ async fn forward(State(up): State<Upstream>, body: Bytes) -> Response {
         header::AUTHORIZATION,
         axum::http::HeaderValue::from_static("Bearer sk-fake"),
     );
-    match up.http.request(req).await {
+    match up.http.send(req).await {
         Ok(r) => {
             let status = r.status();
             let streamed = r
@@ -82,11 +77,7 @@ async fn main() -> Result<(), String> {
     let uri: axum::http::Uri = format!("{base}/chat/completions")
         .parse()
         .map_err(|e: axum::http::uri::InvalidUri| e.to_string())?;
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector);
+    let http = sluice_gateway::upstream::Pool::new(sluice_gateway::upstream::connector(&[])?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;

@@ -1,8 +1,8 @@
 //! The proxy's client to upstream providers.
 //!
-//! hyper's pooled HTTP/1.1 client over rustls (ring, the webpki roots plus a
-//! provider's own `tls_ca_file`), with
-//! every provider's endpoint URIs parsed once at start. A call builds one
+//! HTTP/1.1 keep-alive connections over rustls (ring, the webpki roots plus a
+//! provider's own `tls_ca_file`), each driven by the request holding it
+//! ([`pool`]), with every provider's endpoint URIs parsed once at start. A call builds one
 //! `http::Request` from a cloned URI and sends it: no URL re-parsing, no
 //! redirect or retry layers (Sluice retries itself, and an LLM API does not
 //! redirect). Profiles of the proxy at saturation put reqwest's own layers
@@ -27,14 +27,14 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, heade
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
+
+pub mod pool;
+pub use pool::Pool;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type UpBody = UnsyncBoxBody<Bytes, BoxError>;
-type Direct = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Why an upstream call or its body failed.
 #[derive(Debug)]
@@ -117,50 +117,15 @@ pub struct Upstreams {
 /// The clients for one set of trusted roots: direct, and through an env proxy.
 #[derive(Clone)]
 struct Clients {
-    direct: Direct,
+    direct: Pool,
     proxied: reqwest::Client,
 }
 
 impl Clients {
     /// Trusting the webpki roots, plus the CA certificates in `extra_ca` (PEM).
     fn new(extra_ca: Option<&[u8]>) -> Result<Clients, String> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let extra: Vec<CertificateDer<'static>> = match extra_ca {
-            None => Vec::new(),
-            Some(pem) => CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("tls_ca_file: {e}"))?,
-        };
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        for cert in &extra {
-            roots
-                .add(cert.clone())
-                .map_err(|e| format!("tls_ca_file: {e}"))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("cannot set up TLS for upstreams: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let direct = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let extra = extra_certificates(extra_ca)?;
+        let direct = Pool::new(connector(&extra)?);
         let mut proxied = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // An LLM API does not redirect; a redirect is passed on, never followed with the key.
@@ -175,6 +140,53 @@ impl Clients {
             .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))?;
         Ok(Clients { direct, proxied })
     }
+}
+
+/// The certificates in a PEM file's text (none for `None`).
+fn extra_certificates(
+    pem: Option<&[u8]>,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    match pem {
+        None => Ok(Vec::new()),
+        Some(pem) => CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("tls_ca_file: {e}")),
+    }
+}
+
+/// The connector upstream connections are made with: TCP (TCP_NODELAY,
+/// keepalive, a 10 s connect timeout), then TLS for `https://`, trusting
+/// the webpki roots and `extra` (plain `http://` goes as it is).
+pub fn connector(
+    extra: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for cert in extra {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("tls_ca_file: {e}"))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot set up TLS for upstreams: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -263,12 +275,7 @@ impl Upstreams {
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/json"),
                     );
-                    let r = clients
-                        .direct
-                        .request(req)
-                        .await
-                        .map_err(|e| send_error(&e, e.is_connect()))?;
-                    let (parts, body) = r.into_parts();
+                    let (parts, body) = clients.direct.send(req).await?.into_parts();
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }
                 Some(url) => {

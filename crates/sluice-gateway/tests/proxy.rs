@@ -349,6 +349,66 @@ async fn streams_pass_through_and_are_charged_the_reported_usage() {
     s.stop().await;
 }
 
+/// Events are passed on as they arrive: with the upstream paused after two
+/// events, the client already has both. Upstream connections are kept alive
+/// across calls, streamed or not; one whose answer was abandoned half-read
+/// is closed, and the next call opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_flow_as_they_arrive_on_kept_alive_upstream_connections() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    let mut streamed = chat(50);
+    streamed["stream"] = json!(true);
+    for _ in 0..2 {
+        let r = s
+            .call(Method::POST, "/v1/chat/completions", &key, Some(chat(50)))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let r = stream_call(&s, &key, streamed.clone()).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            data_lines(&r.text().await.unwrap()).last().unwrap(),
+            "[DONE]"
+        );
+    }
+    assert_eq!(up.connections(), 1, "one kept-alive upstream connection");
+
+    up.script([Script::Pause { after_events: 2 }]);
+    let mut r = stream_call(&s, &key, streamed.clone()).await;
+    let mut seen = String::new();
+    while seen.matches("\n\n").count() < 2 {
+        // Bounded, so a proxy that held events back fails instead of hanging.
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), r.chunk())
+            .await
+            .expect("the events sent before the pause never reached the client")
+            .unwrap()
+            .unwrap();
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    up.resume();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let lines = data_lines(&seen);
+    assert_eq!(lines.len(), 6, "{lines:?}"); // 4 content chunks, the stop chunk, [DONE]
+    assert_eq!(lines.last().unwrap(), "[DONE]");
+    assert_eq!(up.connections(), 1);
+
+    // Abandoned half-read: its connection is not reused.
+    up.script([Script::Pause { after_events: 1 }]);
+    let mut r = stream_call(&s, &key, streamed).await;
+    assert!(!r.chunk().await.unwrap().unwrap().is_empty());
+    drop(r);
+    settled(&s).await;
+    up.resume();
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(50)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(up.connections(), 2);
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
     let (s, up, key, _dir) = setup(10.0).await;

@@ -40,6 +40,13 @@ pub enum Script {
         /// Content chunks sent before the break.
         after_chunks: usize,
     },
+    /// A stream that sends this many events (every SSE event counts, an
+    /// Anthropic `message_start` too), then waits for
+    /// [`FakeUpstream::resume`] before the rest.
+    Pause {
+        /// Events sent before the pause.
+        after_events: usize,
+    },
 }
 
 /// Token counts the fake reports.
@@ -75,6 +82,8 @@ struct Inner {
     recording: bool,
     chunks: Vec<String>,
     delay: Duration,
+    /// Paused streams wait on it.
+    gate: Arc<tokio::sync::Notify>,
     script: VecDeque<Script>,
     received: Vec<Received>,
 }
@@ -86,6 +95,7 @@ pub struct FakeUpstream {
     pub base_url: String,
     inner: Arc<Mutex<Inner>>,
     task: tokio::task::JoinHandle<()>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Drop for FakeUpstream {
@@ -138,6 +148,7 @@ impl FakeUpstream {
             cache_writes: (0, 0),
             recording: true,
             delay: Duration::ZERO,
+            gate: Arc::new(tokio::sync::Notify::new()),
             script: VecDeque::new(),
             received: Vec::new(),
         }));
@@ -153,10 +164,13 @@ impl FakeUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let base_url = format!("{scheme}://{}/v1", listener.local_addr().unwrap());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::clone(&connections);
         let task = match tls {
             None => tokio::spawn(async move {
                 use axum::serve::ListenerExt;
-                let listener = listener.tap_io(|tcp| {
+                let listener = listener.tap_io(move |tcp| {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = tcp.set_nodelay(true);
                 });
                 let _ = axum::serve(listener, app).await;
@@ -166,6 +180,7 @@ impl FakeUpstream {
                     let Ok((tcp, _)) = listener.accept().await else {
                         continue;
                     };
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (acceptor, app) = (acceptor.clone(), app.clone());
                     tokio::spawn(async move {
                         let Ok(stream) = acceptor.accept(tcp).await else {
@@ -183,7 +198,19 @@ impl FakeUpstream {
             base_url,
             inner,
             task,
+            connections,
         }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Let a stream paused by [`Script::Pause`] go on (or the next one, if
+    /// none is paused yet).
+    pub fn resume(&self) {
+        lock(&self.inner).gate.notify_one();
     }
 
     /// Usage reported from now on.
@@ -241,7 +268,7 @@ fn begin(
     path: &str,
     headers: HeaderMap,
     body: &Bytes,
-) -> (Script, Usage, Vec<String>, Duration, Value) {
+) -> (Script, Usage, Vec<String>, Pace, Value) {
     let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let mut g = lock(inner);
     if g.recording {
@@ -253,7 +280,14 @@ fn begin(
         });
     }
     let script = g.script.pop_front().unwrap_or(Script::Ok);
-    (script, g.usage, g.chunks.clone(), g.delay, body)
+    let pace = Pace {
+        delay: g.delay,
+        pause: match script {
+            Script::Pause { after_events } => Some((after_events, Arc::clone(&g.gate))),
+            _ => None,
+        },
+    };
+    (script, g.usage, g.chunks.clone(), pace, body)
 }
 
 fn error_response(script: &Script, wire: &str) -> Option<Response> {
@@ -305,29 +339,45 @@ fn ev(name: &str, data: Value) -> String {
     format!("event: {name}\ndata: {data}\n\n")
 }
 
+/// How a stream's events are spaced.
+struct Pace {
+    /// Before each event.
+    delay: Duration,
+    /// After this many events, wait for the gate once.
+    pause: Option<(usize, Arc<tokio::sync::Notify>)>,
+}
+
 /// Server-sent events, each after `delay`; `cut` stops the stream with an error after that many events.
-fn sse(events: Vec<String>, delay: Duration, cut: Option<usize>) -> Response {
+fn sse(events: Vec<String>, pace: Pace, cut: Option<usize>) -> Response {
+    let Pace { delay, pause } = pace;
     // State: the events left, how many were sent, whether the stream has ended.
     let stream = futures_util::stream::unfold(
         (events.into_iter(), 0usize, false),
-        move |(mut it, n, ended)| async move {
-            if ended {
-                return None;
+        move |(mut it, n, ended)| {
+            let pause = pause.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                if let Some((_, gate)) = pause.filter(|(after, _)| *after == n) {
+                    // Once: what was sent goes out first (the server flushes while this waits).
+                    gate.notified().await;
+                }
+                if cut.is_some_and(|c| n >= c) {
+                    // Pause first, so the server flushes what was sent before the break.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let broken = std::io::Error::other("fake upstream dropped the stream");
+                    return Some((Err(broken), (it, n, true)));
+                }
+                let event = it.next()?;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Some((
+                    Ok::<_, std::io::Error>(Bytes::from(event)),
+                    (it, n + 1, false),
+                ))
             }
-            if cut.is_some_and(|c| n >= c) {
-                // Pause first, so the server flushes what was sent before the break.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                let broken = std::io::Error::other("fake upstream dropped the stream");
-                return Some((Err(broken), (it, n, true)));
-            }
-            let event = it.next()?;
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            Some((
-                Ok::<_, std::io::Error>(Bytes::from(event)),
-                (it, n + 1, false),
-            ))
         },
     );
     (
@@ -343,7 +393,10 @@ fn json_or_cut(answer: &Value, cut: Option<usize>) -> Response {
     match cut {
         Some(_) => sse(
             vec![text[..text.len() / 2].to_owned()],
-            Duration::ZERO,
+            Pace {
+                delay: Duration::ZERO,
+                pause: None,
+            },
             Some(1),
         ),
         None => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
@@ -387,9 +440,9 @@ async fn openai_chat(State(inner): Shared, headers: HeaderMap, body: Bytes) -> R
         events.push("data: [DONE]\n\n".to_owned());
         return sse(events, delay, cut);
     }
-    if !delay.is_zero() {
+    if !delay.delay.is_zero() {
         // A slow answer: as long as streaming all the chunks would take.
-        tokio::time::sleep(delay * u32::try_from(chunks.len()).unwrap_or(1)).await;
+        tokio::time::sleep(delay.delay * u32::try_from(chunks.len()).unwrap_or(1)).await;
     }
     let answer = json!({
         "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
