@@ -90,27 +90,32 @@ struct Shared {
 }
 
 impl Shared {
+    /// A parked connection to that host that can take a request now, if
+    /// any (checked, and expired ones closed, outside the lock).
     fn take(&self, scheme: &Scheme, authority: &Authority) -> Option<Driven> {
-        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        let host = hosts
-            .iter_mut()
-            .find(|h| h.scheme == *scheme && h.authority == *authority)?;
-        let now = now();
-        // Oldest first: those past the idle timeout go (closing them here,
-        // under the lock, only drops sockets).
-        let expired = host
-            .idle
-            .iter()
-            .take_while(|i| now.saturating_duration_since(i.since) >= self.idle_timeout)
-            .count();
-        host.idle.drain(..expired);
-        // The most recently used next: warmest, least likely closed.
-        while let Some(mut idle) = host.idle.pop() {
+        loop {
+            let (candidate, expired) = {
+                let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+                let host = hosts
+                    .iter_mut()
+                    .find(|h| h.scheme == *scheme && h.authority == *authority)?;
+                let now = now();
+                // Oldest first: those past the idle timeout go.
+                let n = host
+                    .idle
+                    .iter()
+                    .take_while(|i| now.saturating_duration_since(i.since) >= self.idle_timeout)
+                    .count();
+                let expired: Vec<Idle> = host.idle.drain(..n).collect();
+                // The most recently used next: warmest, least likely closed.
+                (host.idle.pop(), expired)
+            };
+            drop(expired);
+            let mut idle = candidate?;
             if idle.driven.reusable() {
                 return Some(idle.driven);
             }
         }
-        None
     }
 
     fn put(&self, scheme: &Scheme, authority: &Authority, driven: Driven) {
