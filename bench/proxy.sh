@@ -3,7 +3,7 @@
 # directly, through `sluice serve`, and through LiteLLM's proxy, in one run.
 #
 # - Max throughput: closed loop (CONNS connections), direct, a bare proxy
-#   (examples/bare_proxy.rs: the same axum + reqwest stack forwarding bytes,
+#   (examples/bare_proxy.rs: the same axum server and upstream pool forwarding bytes,
 #   nothing else) and sluice back to back in each of ROUNDS rounds (median
 #   ratios reported: this machine is noisy), LiteLLM once.
 # - Added latency: open loop at RATE req/s (default 1,000): sluice minus direct
