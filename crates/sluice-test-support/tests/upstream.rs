@@ -122,6 +122,38 @@ async fn a_stream_can_break_midway_and_chunks_can_be_slow() {
 }
 
 #[tokio::test]
+async fn a_paused_stream_waits_for_resume_and_connections_are_counted() {
+    let up = FakeUpstream::start().await;
+    up.script([Script::Pause { after_events: 1 }]);
+    let client = reqwest::Client::new();
+    let mut r = client
+        .post(format!("{}/chat/completions", up.base_url))
+        .json(&json!({"model": "m", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let first = String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()).into_owned();
+    assert_eq!(data_lines(&first).len(), 1, "{first:?}");
+    up.resume();
+    let mut rest = String::new();
+    while let Some(b) = r.chunk().await.unwrap() {
+        rest.push_str(&String::from_utf8_lossy(&b));
+    }
+    // 3 more content chunks, the stop chunk, [DONE].
+    assert_eq!(data_lines(&rest).len(), 5, "{rest:?}");
+    // The same client's next call reuses its connection.
+    let r = client
+        .post(format!("{}/chat/completions", up.base_url))
+        .json(&json!({"model": "m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
 async fn anthropic_reports_usage_in_the_message_and_in_stream_events() {
     let up = FakeUpstream::start().await;
     up.set_usage(Usage {
