@@ -593,6 +593,8 @@ async fn https_upstreams_are_verified_against_the_roots_and_tls_ca_file() {
         assert!(text.contains("[DONE]"), "{text}");
         settled(&s).await;
         assert_eq!(usage(&s).await["limits"][0]["used"], 0.000128);
+        // Both calls on one TLS connection (one handshake).
+        assert_eq!(up.connections(), 1);
         s.stop().await;
     }
 }
