@@ -83,6 +83,10 @@ pub struct Gauges {
     pub approvals_pending: u64,
     /// Subjects with an approval's override in force.
     pub overrides: u64,
+    /// Upstream connections opened since start.
+    pub upstream_opened: u64,
+    /// Upstream connections parked for reuse now.
+    pub upstream_idle: u64,
 }
 
 impl Metrics {
@@ -231,6 +235,18 @@ impl Metrics {
                 "Subjects whose limits an approval's override raises now.",
                 "gauge",
                 g.overrides as f64,
+            ),
+            (
+                "sluice_upstream_connections_opened_total",
+                "Connections opened to upstream providers (each reused while kept alive).",
+                "counter",
+                g.upstream_opened as f64,
+            ),
+            (
+                "sluice_upstream_connections_idle",
+                "Upstream connections parked for reuse.",
+                "gauge",
+                g.upstream_idle as f64,
             ),
         ] {
             let _ = writeln!(

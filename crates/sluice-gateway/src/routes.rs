@@ -200,6 +200,7 @@ async fn metrics(State(st): St) -> Response {
     let stats = &st.ledger.stats;
     let store = st.engine.stats();
     let (approvals_held, approvals_pending, overrides) = st.approvals.gauges();
+    let upstream = st.upstreams.connections();
     let g = Gauges {
         outstanding: st.engine.outstanding().await.unwrap_or(0),
         ledger_pending: stats.pending.load(Ordering::Relaxed),
@@ -220,6 +221,8 @@ async fn metrics(State(st): St) -> Response {
         approvals_held,
         approvals_pending,
         overrides,
+        upstream_opened: upstream.opened,
+        upstream_idle: upstream.idle,
     };
     (
         [(

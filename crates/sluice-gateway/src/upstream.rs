@@ -244,6 +244,23 @@ impl Upstreams {
         Ok(Upstreams { providers })
     }
 
+    /// Upstream connections, over every pool (providers trusting the same
+    /// roots share one).
+    pub fn connections(&self) -> pool::Connections {
+        let mut seen: Vec<&Pool> = Vec::new();
+        let mut total = pool::Connections::default();
+        for p in &self.providers {
+            if seen.iter().any(|s| s.same(&p.clients.direct)) {
+                continue;
+            }
+            seen.push(&p.clients.direct);
+            let c = p.clients.direct.connections();
+            total.opened += c.opened;
+            total.idle += c.idle;
+        }
+        total
+    }
+
     /// `POST` `body` (JSON) to a provider's endpoint with `headers` added,
     /// its answer (body included) due by `deadline`.
     pub async fn post(

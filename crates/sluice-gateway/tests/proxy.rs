@@ -406,6 +406,17 @@ async fn streams_flow_as_they_arrive_on_kept_alive_upstream_connections() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(up.connections(), 2);
     assert_eq!(outstanding(&s).await, 0);
+    // /metrics agrees: two opened, the live one parked.
+    let m = s.raw(Method::GET, "/metrics", &[], None).await;
+    let text = m.body.as_str().unwrap();
+    assert!(
+        text.contains("\nsluice_upstream_connections_opened_total 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nsluice_upstream_connections_idle 1\n"),
+        "{text}"
+    );
     s.stop().await;
 }
 

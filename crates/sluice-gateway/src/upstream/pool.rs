@@ -21,6 +21,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -87,6 +88,8 @@ struct Host {
 struct Shared {
     hosts: Mutex<Vec<Host>>,
     idle_timeout: Duration,
+    /// Connections opened since start.
+    opened: AtomicU64,
 }
 
 impl Shared {
@@ -170,6 +173,7 @@ impl Pool {
             shared: Arc::new(Shared {
                 hosts: Mutex::default(),
                 idle_timeout,
+                opened: AtomicU64::new(0),
             }),
         }
     }
@@ -183,6 +187,7 @@ impl Pool {
             .call(uri.clone())
             .await
             .map_err(|e| UpstreamError::Connect(message(&*e)))?;
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
         let (send, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| UpstreamError::Connect(message(&e)))?;
@@ -197,6 +202,27 @@ impl Pool {
         .await
         .map_err(|e| UpstreamError::Connect(message(&e)))?;
         Ok(d)
+    }
+
+    /// Connections opened since start, and parked now.
+    pub fn connections(&self) -> Connections {
+        let idle = self
+            .shared
+            .hosts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|h| h.idle.len() as u64)
+            .sum();
+        Connections {
+            opened: self.shared.opened.load(Ordering::Relaxed),
+            idle,
+        }
+    }
+
+    /// Whether `other` is this same pool (a clone of it).
+    pub fn same(&self, other: &Pool) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Send `req` (its URI absolute: scheme and host) and read the answer's
@@ -253,6 +279,15 @@ impl Pool {
             }
         }
     }
+}
+
+/// Connection counts, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connections {
+    /// Opened since start (a connection made, TLS included, before any request on it).
+    pub opened: u64,
+    /// Parked for reuse now.
+    pub idle: u64,
 }
 
 /// An answer's body, read while driving its connection; the connection goes
