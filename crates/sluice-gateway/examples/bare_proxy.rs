@@ -23,14 +23,13 @@ use axum::serve::ListenerExt;
 #[derive(Clone)]
 struct Upstream {
     http: sluice_gateway::upstream::Pool,
-    uri: axum::http::Uri,
+    to: sluice_gateway::upstream::Endpoint,
 }
 
 async fn forward(State(up): State<Upstream>, body: Bytes) -> Response {
     use http_body_util::BodyExt;
     let mut req = axum::http::Request::new(http_body_util::Full::new(body));
     *req.method_mut() = axum::http::Method::POST;
-    *req.uri_mut() = up.uri.clone();
     req.headers_mut().insert(
         header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("application/json"),
@@ -39,7 +38,7 @@ async fn forward(State(up): State<Upstream>, body: Bytes) -> Response {
         header::AUTHORIZATION,
         axum::http::HeaderValue::from_static("Bearer sk-fake"),
     );
-    match up.http.send(req).await {
+    match up.http.send(&up.to, req).await {
         Ok(r) => {
             let status = r.status();
             let streamed = r
@@ -90,6 +89,9 @@ async fn main() -> Result<(), String> {
     });
     let app = Router::new()
         .route("/v1/chat/completions", post(forward))
-        .with_state(Upstream { http, uri });
+        .with_state(Upstream {
+            http,
+            to: sluice_gateway::upstream::Endpoint::new(uri)?,
+        });
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }

@@ -31,7 +31,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
 
 pub mod pool;
-pub use pool::Pool;
+pub use pool::{Endpoint, Pool};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type UpBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -95,7 +95,7 @@ fn message(e: &(dyn std::error::Error + 'static)) -> String {
 /// One endpoint of a provider.
 struct Target {
     path: &'static str,
-    uri: Uri,
+    endpoint: pool::Endpoint,
     /// Set when the environment's proxy settings intercept this URL.
     via_proxy: Option<reqwest::Url>,
 }
@@ -286,13 +286,16 @@ impl Upstreams {
                 None => {
                     let mut req = Request::new(Full::new(body));
                     *req.method_mut() = Method::POST;
-                    *req.uri_mut() = target.uri.clone();
                     *req.headers_mut() = headers;
                     req.headers_mut().insert(
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/json"),
                     );
-                    let (parts, body) = clients.direct.send(req).await?.into_parts();
+                    let (parts, body) = clients
+                        .direct
+                        .send(&target.endpoint, req)
+                        .await?
+                        .into_parts();
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }
                 Some(url) => {
@@ -349,6 +352,7 @@ fn target(
     let url = format!("{}/{path}", p.base_url);
     let bad = |e: &dyn std::fmt::Display| format!("provider {}: bad URL {url}: {e}", p.name);
     let uri: Uri = url.parse().map_err(|e| bad(&e))?;
+    let endpoint = pool::Endpoint::new(uri.clone()).map_err(|e| bad(&e))?;
     let via_proxy = match env_proxies.intercept(&uri) {
         None => None,
         Some(_) => {
@@ -361,7 +365,7 @@ fn target(
     };
     Ok(Target {
         path,
-        uri,
+        endpoint,
         via_proxy,
     })
 }

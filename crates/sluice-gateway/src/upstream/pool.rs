@@ -27,8 +27,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::uri::{Authority, Scheme};
-use axum::http::{Request, Response, Uri};
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{Connection, SendRequest};
@@ -85,6 +85,12 @@ struct Host {
     idle: Vec<Idle>,
 }
 
+impl Host {
+    fn is(&self, scheme: &Scheme, authority: &Authority) -> bool {
+        self.scheme == *scheme && self.authority == *authority
+    }
+}
+
 struct Shared {
     hosts: Mutex<Vec<Host>>,
     idle_timeout: Duration,
@@ -99,10 +105,8 @@ impl Shared {
         loop {
             let (candidate, expired) = {
                 let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-                let host = hosts
-                    .iter_mut()
-                    .find(|h| h.scheme == *scheme && h.authority == *authority)?;
-                let now = now();
+                let host = hosts.iter_mut().find(|h| h.is(scheme, authority))?;
+                let now = Instant::now();
                 // Oldest first: those past the idle timeout go.
                 let n = host
                     .idle
@@ -125,12 +129,9 @@ impl Shared {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         let idle = Idle {
             driven,
-            since: now(),
+            since: Instant::now(),
         };
-        match hosts
-            .iter_mut()
-            .find(|h| h.scheme == *scheme && h.authority == *authority)
-        {
+        match hosts.iter_mut().find(|h| h.is(scheme, authority)) {
             Some(h) if h.idle.len() < MAX_IDLE => h.idle.push(idle),
             Some(_) => {}
             None => hosts.push(Host {
@@ -142,9 +143,41 @@ impl Shared {
     }
 }
 
-/// Now, for idle-connection ages (tokio's clock, so paused-time tests see it move).
-fn now() -> Instant {
-    Instant::now()
+/// Where requests go, worked out once (at start, not per call): the host
+/// the pool keys connections by, the origin-form URI hyper's connection
+/// API writes in the request line, and the `Host` header.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Absolute: what the connector connects to.
+    uri: Uri,
+    origin: Uri,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+}
+
+impl Endpoint {
+    /// An absolute `http://` or `https://` URI's endpoint.
+    pub fn new(uri: Uri) -> Result<Endpoint, String> {
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
+        else {
+            return Err(format!("{uri}: not an absolute URL"));
+        };
+        let origin = Uri::from(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| format!("{uri}: bad host: {e}"))?;
+        Ok(Endpoint {
+            uri,
+            origin,
+            scheme,
+            authority,
+            host,
+        })
+    }
 }
 
 /// Connections to any number of upstream hosts, through one connector
@@ -225,30 +258,21 @@ impl Pool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
-    /// Send `req` (its URI absolute: scheme and host) and read the answer's
-    /// head; the body is read through the returned [`PooledBody`].
+    /// Send `req` to `to` (the request's own URI is replaced) and read the
+    /// answer's head; the body is read through the returned [`PooledBody`].
     pub async fn send(
         &self,
+        to: &Endpoint,
         mut req: Request<Full<Bytes>>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let uri = req.uri().clone();
-        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
-        else {
-            return Err(UpstreamError::NoUrl(uri.to_string()));
-        };
-        // hyper's connection API writes the request line as given: origin form.
-        if let Some(pq) = uri.path_and_query() {
-            *req.uri_mut() = Uri::from(pq.clone());
-        }
-        if !req.headers().contains_key(axum::http::header::HOST) {
-            if let Ok(v) = axum::http::HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(axum::http::header::HOST, v);
-            }
-        }
+        *req.uri_mut() = to.origin.clone();
+        req.headers_mut()
+            .entry(header::HOST)
+            .or_insert_with(|| to.host.clone());
         loop {
-            let (mut d, pooled) = match self.shared.take(&scheme, &authority) {
+            let (mut d, pooled) = match self.shared.take(&to.scheme, &to.authority) {
                 Some(d) => (d, true),
-                None => (self.connect(&uri).await?, false),
+                None => (self.connect(&to.uri).await?, false),
             };
             let answer = d.send.try_send_request(req);
             let mut answer = std::pin::pin!(answer);
@@ -264,8 +288,12 @@ impl Pool {
                         parts,
                         PooledBody {
                             body,
-                            driven: Some(d),
-                            home: Some((Arc::clone(&self.shared), scheme, authority)),
+                            held: Some(Held {
+                                driven: d,
+                                pool: Arc::clone(&self.shared),
+                                scheme: to.scheme.clone(),
+                                authority: to.authority.clone(),
+                            }),
                         },
                     ));
                 }
@@ -294,8 +322,15 @@ pub struct Connections {
 /// back to the pool when the body has been read to the end.
 pub struct PooledBody {
     body: Incoming,
-    driven: Option<Driven>,
-    home: Option<(Arc<Shared>, Scheme, Authority)>,
+    /// The connection and where it goes back to; `None` once given back or closed.
+    held: Option<Held>,
+}
+
+struct Held {
+    driven: Driven,
+    pool: Arc<Shared>,
+    scheme: Scheme,
+    authority: Authority,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -306,10 +341,9 @@ impl std::fmt::Debug for PooledBody {
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let (Some(d), Some((shared, scheme, authority))) = (self.driven.take(), self.home.take())
-        {
-            if d.conn.is_some() {
-                shared.put(&scheme, &authority, d);
+        if let Some(h) = self.held.take() {
+            if h.driven.conn.is_some() {
+                h.pool.put(&h.scheme, &h.authority, h.driven);
             }
         }
     }
@@ -324,15 +358,15 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(d) = &mut this.driven {
-            d.poll_conn(cx);
+        if let Some(h) = &mut this.held {
+            h.driven.poll_conn(cx);
         }
         let frame = Pin::new(&mut this.body).poll_frame(cx);
         match &frame {
             Poll::Ready(None) => this.give_back(),
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
             // A failed body leaves the connection in an unknown state: closed.
-            Poll::Ready(Some(Err(_))) => this.driven = None,
+            Poll::Ready(Some(Err(_))) => this.held = None,
             _ => {}
         }
         frame.map_err(BoxError::from)
@@ -417,8 +451,8 @@ mod tests {
         use http_body_util::BodyExt;
         let mut req = Request::new(Full::new(Bytes::from_static(b"{}")));
         *req.method_mut() = axum::http::Method::POST;
-        *req.uri_mut() = url.parse().unwrap();
-        let resp = pool.send(req).await?;
+        let to = Endpoint::new(url.parse().unwrap()).unwrap();
+        let resp = pool.send(&to, req).await?;
         assert_eq!(resp.status(), 200);
         Ok(resp.into_body().collect().await.unwrap().to_bytes())
     }
