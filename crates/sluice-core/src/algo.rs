@@ -118,6 +118,20 @@ impl LimitState {
         }
     }
 
+    /// `charge`, then `level` at the same instant (GCRA in one pass).
+    pub(crate) fn charge_level(&mut self, limit: &Limit, now: u64, amount: u64) -> (u64, Level) {
+        if let (LimitState::Gcra(_, s), Params::Gcra { window, burst }) =
+            (&mut *self, &limit.params)
+        {
+            return (
+                0,
+                s.charge_level(*window, limit.limit(), *burst, now, amount),
+            );
+        }
+        let mark = self.charge(limit, now, amount);
+        (mark, self.level(limit, now))
+    }
+
     /// Give back up to `amount` of a charge made with `mark`; what has already
     /// left the window is not given back (it no longer counts anyway).
     pub(crate) fn refund(&mut self, limit: &Limit, mark: u64, amount: u64) {

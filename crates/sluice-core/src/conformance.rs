@@ -167,8 +167,8 @@ pub fn sliding_never_exceeds_and_retry_is_exact<S: Store>(cases: u32, store: &dy
     );
 }
 
-/// `gcra` matches a reference continuous-state leaky bucket exactly,
-/// decisions and retry-after alike.
+/// `gcra` matches a reference continuous-state leaky bucket exactly:
+/// decisions, retry-after, and the status an allowed request reports.
 pub fn gcra_matches_reference<S: Store>(cases: u32, store: &dyn Fn() -> S) {
     run(
         cases,
@@ -217,9 +217,18 @@ pub fn gcra_matches_reference<S: Store>(cases: u32, store: &dyn Fn() -> S) {
                 };
                 let request = Request::new([who.clone()], Amounts::ZERO.with_tokens(n, 0));
                 match (limiter.check(&request), expected) {
-                    (Decision::Allowed(_), Some(Duration::ZERO)) => {
+                    (Decision::Allowed(statuses), Some(Duration::ZERO)) => {
                         level = drained + u128::from(n) * wu;
                         last = now;
+                        // The status after the charge: what is in the bucket
+                        // (in whole units, rounded up), what is left of the
+                        // burst, and when the bucket is empty again.
+                        let used = u64::try_from(level.div_ceil(wu)).unwrap();
+                        let empty = now + u64::try_from(level.div_ceil(l)).unwrap();
+                        prop_assert_eq!(statuses.len(), 1);
+                        prop_assert_eq!(statuses[0].used, used.min(burst));
+                        prop_assert_eq!(statuses[0].remaining, burst.saturating_sub(used));
+                        prop_assert_eq!(statuses[0].reset_at, Timestamp::from_nanos(empty));
                     }
                     (Decision::Denied(d), Some(wait)) if wait > Duration::ZERO => {
                         prop_assert_eq!(d.retry_after(), Some(wait));

@@ -67,6 +67,26 @@ impl GcraState {
         0
     }
 
+    /// `charge`, then `level`, working out what is pending once.
+    pub(super) fn charge_level(
+        &mut self,
+        window: u64,
+        rate: u64,
+        burst: u64,
+        now: u64,
+        amount: u64,
+    ) -> Level {
+        let pending = self.pending(now) + u128::from(amount) * u128::from(window);
+        self.store(now, rate, pending);
+        let used = u64::try_from(div_ceil(pending, window)).unwrap_or(u64::MAX);
+        let wait = u64::try_from(div_ceil(pending, rate)).unwrap_or(u64::MAX);
+        Level {
+            used: used.min(burst),
+            remaining: burst.saturating_sub(used),
+            reset_at: now.saturating_add(wait),
+        }
+    }
+
     pub(super) fn refund(&mut self, window: u64, amount: u64) {
         let tat = self
             .tat()
