@@ -10,6 +10,11 @@
 #   at p50 and p99. LiteLLM cannot sustain that on one core, so it is measured
 #   at 80% of its own max, with sluice at the same rate for comparison.
 # - Both non-streaming and streaming (`"stream": true`, 4 chunks + usage).
+# - Busy polling: a second bare proxy and a second sluice with busy polling
+#   on (`busy_poll_ms = BUSY_MS`, default 200), measured in the same rounds
+#   (throughput) and at the same rate (latency). After each busy run the
+#   script waits BUSY_MS + 300 ms so that its spinners have parked before the
+#   next measurement shares the proxy core with it.
 #
 # Placement (2 cores): the upstream and the load generator share core 0; the
 # proxy under test (sluice or LiteLLM) has core 1 to itself. PLACEMENT=one
@@ -31,6 +36,7 @@ SECS="${SECS:-10}"
 CONNS="${CONNS:-32}"
 ROUNDS="${ROUNDS:-3}"
 RATE="${RATE:-1000}"
+BUSY_MS="${BUSY_MS:-200}"
 LITELLM="${LITELLM:-1}"
 cargo build --release -q -p sluice
 cargo build --release -q -p sluice-gateway --example fake_upstream --example loadgen --example bare_proxy
@@ -53,15 +59,26 @@ UP="$(wait_addr "$WORK/up.log")"
 $PIN_PROXY "$BIN/examples/bare_proxy" "$UP/v1" 2>"$WORK/bare.log" &
 BARE="$(wait_addr "$WORK/bare.log")"
 
+$PIN_PROXY "$BIN/examples/bare_proxy" "$UP/v1" "$BUSY_MS" 2>"$WORK/bare_busy.log" &
+BARE_BUSY="$(wait_addr "$WORK/bare_busy.log")"
+
 ADMIN="bench-admin-key-0123456789abcdef"
-fake_provider_toml "$UP" "$WORK/sluice.toml"   # gpt-4o-mini, priced from the built-in table
-BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN_PROXY "$BIN/sluice" serve \
-  --listen 127.0.0.1:0 --data-dir "$WORK/data" --config "$WORK/sluice.toml" 2>"$WORK/sluice.log" &
-SLUICE="$(wait_addr "$WORK/sluice.log")"
 AGENT="agent://bench/prod/bot"
-curl -fsS -X PUT "$SLUICE/v1/policies/$AGENT" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
-  -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+start_sluice() { # $1: name (data dir, log), $2: extra sluice.toml lines; sets SLUICE_URL
+  fake_provider_toml "$UP" "$WORK/$1.providers.toml"   # gpt-4o-mini, priced from the built-in table
+  { printf '%s' "$2"; cat "$WORK/$1.providers.toml"; } >"$WORK/$1.toml"   # top-level keys before the tables
+  BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN_PROXY "$BIN/sluice" serve \
+    --listen 127.0.0.1:0 --data-dir "$WORK/$1" --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
+  SLUICE_URL="$(wait_addr "$WORK/$1.log")"
+  curl -fsS -X PUT "$SLUICE_URL/v1/policies/$AGENT" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
+    -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+}
+start_sluice sluice ""; SLUICE="$SLUICE_URL"
 KEY="$(agent_key "$SLUICE" "$ADMIN" "$AGENT")"
+start_sluice sluice_busy "busy_poll_ms = $BUSY_MS
+"; SLUICE_BUSY="$SLUICE_URL"
+KEY_BUSY="$(agent_key "$SLUICE_BUSY" "$ADMIN" "$AGENT")"
+park() { sleep "$(python3 -c "print(($BUSY_MS + 300) / 1000)")"; }   # let busy spinners park
 
 body() { # $1: stream true|false
   echo "{\"model\": \"gpt-4o-mini\", \"max_tokens\": 64, \"stream\": $1, \"messages\": [{\"role\": \"user\", \"content\": \"Say hello in one short sentence, please.\"}]}"
@@ -77,39 +94,47 @@ check_errors() { # $1 name, $2 result
 
 echo "warming up" >&2
 load "$UP" sk-fake false --secs 2 >/dev/null; load "$SLUICE" "$KEY" false --secs 2 >/dev/null
+load "$SLUICE_BUSY" "$KEY_BUSY" false --secs 2 >/dev/null; park
 
 for STREAM in false true; do
   echo
   echo "### stream: $STREAM"
   echo
-  echo "| round | direct max rps | bare proxy max rps | sluice max rps | sluice / direct | bare / direct | sluice / bare |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  RATIOS=(); BRATIOS=(); SB=(); S_RPS=()
+  echo "| round | direct max rps | bare proxy max rps | sluice max rps | sluice / direct | bare / direct | sluice / bare | sluice busy-poll max rps | sluice busy-poll / direct |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  RATIOS=(); BRATIOS=(); SB=(); S_RPS=(); BUSY=()
   for r in $(seq 1 "$ROUNDS"); do
     D="$(load "$UP" sk-fake "$STREAM")"; P="$(load "$BARE" sk-fake "$STREAM")"; S="$(load "$SLUICE" "$KEY" "$STREAM")"
-    check_errors direct "$D"; check_errors bare "$P"; check_errors sluice "$S"
+    SP="$(load "$SLUICE_BUSY" "$KEY_BUSY" "$STREAM")"; park
+    check_errors direct "$D"; check_errors bare "$P"; check_errors sluice "$S"; check_errors "sluice busy-poll" "$SP"
     ratio="$(python3 -c "print(f'{$(field "$S" rps) / $(field "$D" rps):.3f}')")"
     bratio="$(python3 -c "print(f'{$(field "$P" rps) / $(field "$D" rps):.3f}')")"
     sb="$(python3 -c "print(f'{$(field "$S" rps) / $(field "$P" rps):.3f}')")"
-    RATIOS+=("$ratio"); BRATIOS+=("$bratio"); SB+=("$sb"); S_RPS+=("$(field "$S" rps)")
-    echo "| $r | $(field "$D" rps) | $(field "$P" rps) | $(field "$S" rps) | $ratio | $bratio | $sb |"
+    busy="$(python3 -c "print(f'{$(field "$SP" rps) / $(field "$D" rps):.3f}')")"
+    RATIOS+=("$ratio"); BRATIOS+=("$bratio"); SB+=("$sb"); S_RPS+=("$(field "$S" rps)"); BUSY+=("$busy")
+    echo "| $r | $(field "$D" rps) | $(field "$P" rps) | $(field "$S" rps) | $ratio | $bratio | $sb | $(field "$SP" rps) | $busy |"
   done
   echo
   echo "median max throughput: sluice / direct $(python3 -c "print(f'{$(median "${RATIOS[@]}"):.0%}')")," \
-    "bare proxy / direct $(python3 -c "print(f'{$(median "${BRATIOS[@]}"):.0%}')"), sluice / bare proxy $(python3 -c "print(f'{$(median "${SB[@]}"):.0%}')")"
+    "bare proxy / direct $(python3 -c "print(f'{$(median "${BRATIOS[@]}"):.0%}')"), sluice / bare proxy $(python3 -c "print(f'{$(median "${SB[@]}"):.0%}')")," \
+    "sluice busy-poll / direct $(python3 -c "print(f'{$(median "${BUSY[@]}"):.0%}')")"
   D1="$(load "$UP" sk-fake "$STREAM" --rate "$RATE")"; P1="$(load "$BARE" sk-fake "$STREAM" --rate "$RATE")"; S1="$(load "$SLUICE" "$KEY" "$STREAM" --rate "$RATE")"
+  PB1="$(load "$BARE_BUSY" sk-fake "$STREAM" --rate "$RATE")"; park
+  SB1="$(load "$SLUICE_BUSY" "$KEY_BUSY" "$STREAM" --rate "$RATE")"; park
   check_errors direct "$D1"; check_errors bare "$P1"; check_errors sluice "$S1"
+  check_errors "bare busy-poll" "$PB1"; check_errors "sluice busy-poll" "$SB1"
   echo
   echo "| at $RATE req/s | p50 (µs) | p99 (µs) | p50 added to direct | p99 added to direct |"
   echo "|---|---:|---:|---:|---:|"
-  for row in "direct:$D1" "bare proxy:$P1" "sluice:$S1"; do
+  for row in "direct:$D1" "bare proxy:$P1" "sluice:$S1" "bare proxy, busy_poll_ms=$BUSY_MS:$PB1" "sluice, busy_poll_ms=$BUSY_MS:$SB1"; do
     name="${row%%:*}"; res="${row#*:}"
     echo "| $name | $(field "$res" p50_us) | $(field "$res" p99_us) | $(( $(field "$res" p50_us) - $(field "$D1" p50_us) )) | $(( $(field "$res" p99_us) - $(field "$D1" p99_us) )) |"
   done
   declare "SMAX_$STREAM=$(median "${S_RPS[@]}")"
 done
 echo
-echo "sluice reservations outstanding at the end: $(curl -fsS "$SLUICE/metrics" | awk '/^sluice_reservations_outstanding/ {print $2}')"
+echo "sluice reservations outstanding at the end: $(curl -fsS "$SLUICE/metrics" | awk '/^sluice_reservations_outstanding/ {print $2}')," \
+  "busy-poll sluice: $(curl -fsS "$SLUICE_BUSY/metrics" | awk '/^sluice_reservations_outstanding/ {print $2}')"
 
 # LiteLLM last, so its process is not on the proxy core while sluice's max is measured.
 LITE=""

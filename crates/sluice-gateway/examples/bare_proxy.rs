@@ -6,8 +6,10 @@
 //! costs over a direct call is the price of the extra hop itself on this
 //! machine; what Sluice costs over it is Sluice's own work.
 //!
-//! `bare_proxy UPSTREAM_BASE_URL` (e.g. `http://127.0.0.1:9000/v1`) prints
-//! `listening on http://ADDR`.
+//! `bare_proxy UPSTREAM_BASE_URL [BUSY_POLL_MS]` (e.g.
+//! `http://127.0.0.1:9000/v1 200`) prints `listening on http://ADDR`. With
+//! `BUSY_POLL_MS`, it busy-polls as `sluice serve` does with `busy_poll_ms`
+//! (`sluice_gateway::busy_poll`).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -19,6 +21,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt;
+use sluice_gateway::busy_poll::BusyPoll;
 
 #[derive(Clone)]
 struct Upstream {
@@ -87,11 +90,22 @@ async fn main() -> Result<(), String> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/v1/chat/completions", post(forward))
         .with_state(Upstream {
             http,
             to: sluice_gateway::upstream::Endpoint::new(uri)?,
         });
+    let busy_ms: u64 = match std::env::args().nth(2) {
+        Some(ms) => ms
+            .parse()
+            .map_err(|_| format!("BUSY_POLL_MS: not a number: {ms}"))?,
+        None => 0,
+    };
+    if busy_ms > 0 {
+        let busy = BusyPoll::new(std::time::Duration::from_millis(busy_ms));
+        busy.spawn(tokio::runtime::Handle::current().metrics().num_workers());
+        app = app.layer(busy.layer());
+    }
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }

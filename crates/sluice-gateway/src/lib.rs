@@ -9,6 +9,7 @@ pub mod alerts;
 pub mod approvals;
 pub mod audit;
 pub mod auth;
+pub mod busy_poll;
 pub mod config;
 pub mod db;
 pub mod engine;

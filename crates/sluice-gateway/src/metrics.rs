@@ -87,6 +87,8 @@ pub struct Gauges {
     pub upstream_opened: u64,
     /// Upstream connections parked for reuse now.
     pub upstream_idle: u64,
+    /// Busy-polling spinners spinning now (0 when off or idle).
+    pub busy_poll_spinning: u64,
 }
 
 impl Metrics {
@@ -247,6 +249,12 @@ impl Metrics {
                 "Upstream connections parked for reuse.",
                 "gauge",
                 g.upstream_idle as f64,
+            ),
+            (
+                "sluice_busy_poll_spinning",
+                "Worker threads kept polling by busy_poll_ms now (0: off, or no recent requests).",
+                "gauge",
+                g.busy_poll_spinning as f64,
             ),
         ] {
             let _ = writeln!(

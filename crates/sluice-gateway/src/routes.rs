@@ -37,7 +37,8 @@ type St = State<Arc<AppState>>;
 
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let busy_poll = state.busy_poll.clone();
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/policies", get(list_policies))
@@ -77,7 +78,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages", post(crate::proxy::anthropic_messages))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    match busy_poll {
+        Some(busy) => router.layer(busy.layer()),
+        None => router,
+    }
 }
 
 /// A response built as parts, so an idempotent answer can be stored and replayed.
@@ -223,6 +228,7 @@ async fn metrics(State(st): St) -> Response {
         overrides,
         upstream_opened: upstream.opened,
         upstream_idle: upstream.idle,
+        busy_poll_spinning: st.busy_poll.as_ref().map_or(0, |b| b.spinning() as u64),
     };
     (
         [(

@@ -95,6 +95,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// The proxy's client to the providers, their endpoint URLs parsed once.
     pub upstreams: crate::upstream::Upstreams,
+    /// Busy polling (`busy_poll_ms`), when on: requests mark it active.
+    pub busy_poll: Option<crate::busy_poll::BusyPoll>,
 }
 
 impl AppState {
@@ -292,6 +294,7 @@ impl Gateway {
             )
             .await?,
         );
+        let busy_poll = config.busy_poll.map(crate::busy_poll::BusyPoll::new);
         let state = Arc::new(AppState {
             engine,
             clock,
@@ -319,6 +322,7 @@ impl Gateway {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| StartError::Io(format!("cannot build the webhook client: {e}")))?,
+            busy_poll,
             config,
             policies: RwLock::new(policies),
         });
@@ -332,6 +336,10 @@ impl Gateway {
             tokio::spawn(write_breaches(Arc::clone(&state))),
             tokio::spawn(crate::alerts::run(Arc::clone(&state), alert_rx)),
         ];
+        if let Some(busy) = &state.busy_poll {
+            // One spinner per worker thread, so that no worker parks while traffic flows.
+            tasks.extend(busy.spawn(tokio::runtime::Handle::current().metrics().num_workers()));
+        }
         if let crate::db::Pool::Postgres(pool) = state.db.pool() {
             tasks.push(tokio::spawn(follow_changes(
                 Arc::clone(&state),

@@ -417,6 +417,43 @@ async fn streams_flow_as_they_arrive_on_kept_alive_upstream_connections() {
         text.contains("\nsluice_upstream_connections_idle 1\n"),
         "{text}"
     );
+    // Busy polling is off unless configured.
+    assert!(text.contains("\nsluice_busy_poll_spinning 0\n"), "{text}");
+    s.stop().await;
+}
+
+/// `busy_poll_ms`: while requests come, one spinner per worker thread keeps
+/// the workers polling; calls, streamed or not, work and are charged as usual.
+/// (When the spinners park is the unit test's in src/busy_poll.rs, on paused time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_keeps_both_workers_polling_and_calls_work() {
+    let (s, up, key, _dir) =
+        setup_with(10.0, "upstream_attempts = 1\nbusy_poll_ms = 60000\n").await;
+    up.set_usage(Usage {
+        input: 1_000,
+        cached: 0,
+        output: 250,
+    });
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(500)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = stream_call(
+        &s,
+        &key,
+        json!({"model": "gpt-test", "max_tokens": 500, "stream": true,
+        "messages": [{"role": "user", "content": "Say hello."}]}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // Two calls of 1,000 × $2 + 250 × $8 per million: $0.008.
+    settled(&s).await;
+    assert_eq!(usage(&s).await["limits"][0]["used"], 0.008);
+    let m = s.raw(Method::GET, "/metrics", &[], None).await;
+    let text = m.body.as_str().unwrap();
+    assert!(text.contains("\nsluice_busy_poll_spinning 2\n"), "{text}");
     s.stop().await;
 }
 
