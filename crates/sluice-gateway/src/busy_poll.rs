@@ -102,16 +102,20 @@ impl BusyPoll {
         }
     }
 
-    /// A router layer that marks every request (no boxing: each route keeps
-    /// its own future).
+    /// A router layer that marks every request but health checks and
+    /// metrics scrapes (a load balancer probing `/healthz` every second must
+    /// not keep the workers spinning). No boxing: each route keeps its own
+    /// future.
     pub fn layer(
         &self,
     ) -> tower::util::MapRequestLayer<
         impl Fn(axum::extract::Request) -> axum::extract::Request + Clone + Send + Sync + 'static,
     > {
         let busy = self.clone();
-        tower::util::MapRequestLayer::new(move |req| {
-            busy.mark();
+        tower::util::MapRequestLayer::new(move |req: axum::extract::Request| {
+            if !matches!(req.uri().path(), "/healthz" | "/metrics") {
+                busy.mark();
+            }
             req
         })
     }

@@ -457,6 +457,45 @@ async fn busy_polling_keeps_both_workers_polling_and_calls_work() {
     s.stop().await;
 }
 
+/// Health checks and metrics scrapes do not start busy polling; any other
+/// request does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_do_not_start_busy_polling() {
+    let dir = TempDir::new("busy");
+    let s = Server::start_config(&dir, "busy_poll_ms = 60000\n").await;
+    let spinning = |s: &Server| {
+        let s = s.handle();
+        async move {
+            let m = s.raw(Method::GET, "/metrics", &[], None).await;
+            let text = m.body.as_str().unwrap().to_owned();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("sluice_busy_poll_spinning "))
+                .unwrap()
+                .to_owned();
+            line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        }
+    };
+    for _ in 0..5 {
+        let r = s.raw(Method::GET, "/healthz", &[], None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(spinning(&s).await, 0);
+    }
+    let r = s.admin(Method::GET, "/v1/policies", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The spinners were woken; wait (bounded) for both to be scheduled.
+    let mut seen = 0;
+    for _ in 0..200 {
+        seen = spinning(&s).await;
+        if seen == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(seen, 2);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_or_abandoned_stream_is_charged_what_was_streamed() {
     let (s, up, key, _dir) = setup(10.0).await;
