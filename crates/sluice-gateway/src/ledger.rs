@@ -131,6 +131,34 @@ impl Ledger {
         }
     }
 
+    /// Queue rows without waiting, when that is all `record` would do
+    /// (batch mode, room in the queue); otherwise give them back, for the
+    /// caller to `record` from a task. For settling from a `Drop`, where a
+    /// task per row would cost more than the row.
+    pub fn try_record(&self, rows: Vec<LedgerRow>) -> Result<(), Vec<LedgerRow>> {
+        if self.sync != LedgerSync::Batch {
+            return Err(rows);
+        }
+        let n = rows.len() as u64;
+        self.stats.pending.fetch_add(n, Ordering::Relaxed);
+        let msg = Msg::Rows {
+            rows,
+            idem: None,
+            enqueued_ns: self.clock.now().as_nanos(),
+            ack: None,
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.stats.pending.fetch_sub(n, Ordering::Relaxed);
+                match e.into_inner() {
+                    Msg::Rows { rows, .. } => Err(rows),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
     /// Wait until everything queued so far is written.
     pub async fn flush(&self) {
         let (a, w) = oneshot::channel();

@@ -431,7 +431,9 @@ fn settle_soon(
     let st = Arc::clone(st);
     if let Some(outcome) = st.engine.settle_in_process(&public, actual) {
         if let Some(row) = settle_row(&st, public, outcome, actual, detail, request_id) {
-            rt.spawn(async move { st.ledger.record(vec![row], None).await });
+            if let Err(rows) = st.ledger.try_record(vec![row]) {
+                rt.spawn(async move { st.ledger.record(rows, None).await });
+            }
         }
         return;
     }

@@ -117,3 +117,41 @@ async fn admin_writes_wait_for_the_ledger_writer_instead_of_failing() {
     assert!(written > 0);
     assert_eq!(db.ledger_len().await.unwrap(), written);
 }
+
+/// `try_record` queues at once in batch mode (what a stream's settlement
+/// uses instead of a task per row) and gives the rows back in `always` mode,
+/// where the caller must wait for durability from a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_record_queues_in_batch_mode_and_gives_rows_back_otherwise() {
+    use sluice_gateway::ledger::Ledger;
+    use sluice_gateway::server::SharedClock;
+    use std::sync::Arc;
+    use std::time::Duration;
+    for sync in [LedgerSync::Batch, LedgerSync::Always] {
+        let dir = TempDir::new("ledger-try");
+        let db = Db::open(&dir.0, sync).await.unwrap();
+        let clock = SharedClock(Arc::new(sluice_core::ManualClock::new(
+            sluice_core::Timestamp::from_nanos(1_800_000_000 * SEC),
+        )));
+        let ledger = Ledger::start(
+            &db,
+            &Db::path(&dir.0),
+            sync,
+            Duration::from_millis(1),
+            clock,
+        )
+        .unwrap();
+        let rows = vec![row(1_800_000_000 * SEC, 7)];
+        match (sync, ledger.try_record(rows)) {
+            (LedgerSync::Batch, Ok(())) => {}
+            (LedgerSync::Always, Err(back)) => {
+                assert_eq!(back.len(), 1);
+                assert_eq!(back[0].request_id.as_deref(), Some("r7"));
+                ledger.record(back, None).await;
+            }
+            (sync, got) => panic!("{sync:?}: {:?}", got.map_err(|r| r.len())),
+        }
+        ledger.flush().await;
+        assert_eq!(db.ledger_len().await.unwrap(), 1, "{sync:?}");
+    }
+}
