@@ -21,7 +21,9 @@
 # puts every process on one core instead: each hop is then a context switch,
 # not a wake-up of the other virtual CPU (which costs this VM tens to hundreds
 # of µs), so the latency tables show the proxy's own added work; the
-# throughput tables then compare shares of one core and mean little. Sluice enforces a
+# throughput tables then compare shares of one core and mean little.
+# PLACEMENT=free leaves the proxies unpinned (they may run on core 0 beside
+# the load generator and upstream): a machine without a core to spare. Sluice enforces a
 # request limit and a dollar budget on the agent's key; LiteLLM runs with a
 # global `max_budget` (its per-key budgets need PostgreSQL plus Prisma engines
 # downloaded at start, which this offline machine cannot fetch).
@@ -30,6 +32,7 @@
 #   bash bench/proxy.sh                         # ROUNDS=3, SECS=10
 #   SECS=5 ROUNDS=1 LITELLM=0 bash bench/proxy.sh
 #   PLACEMENT=one ROUNDS=1 LITELLM=0 bash bench/proxy.sh   # latency without cross-core wake-ups
+#   PLACEMENT=free ROUNDS=2 LITELLM=0 bash bench/proxy.sh  # proxies unpinned: no core to spare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${SECS:-10}"
@@ -47,6 +50,8 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 PIN_UP=""; PIN_LOAD=""; PIN_PROXY=""
 if [ "${PLACEMENT:-split}" = "one" ] && command -v taskset >/dev/null; then
   PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 0"
+elif [ "${PLACEMENT:-split}" = "free" ] && command -v taskset >/dev/null; then
+  PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY=""
 elif command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 1"
 fi
