@@ -63,7 +63,10 @@ fn command(port: u16, cmd: &str) -> Option<String> {
     Some(String::from_utf8_lossy(buf.get(..n)?).into_owned())
 }
 
-/// One node, watched: it stops when this process ends.
+/// One node, watched: it stops when this process ends, and then its files
+/// go too (the last node's watcher removes the directory), since a cluster
+/// kept in a `static` is never dropped. A node stopped while this process
+/// lives keeps its files: `restart` rejoins with them.
 fn spawn_node(dir: &TempDir, p: u16) -> Child {
     let parent = std::process::id();
     let script = format!(
@@ -71,7 +74,10 @@ fn spawn_node(dir: &TempDir, p: u16) -> Child {
          --cluster-config-file nodes-{p}.conf --dir {dir} --save '' --appendonly no \
          --cluster-node-timeout 2000 >>{dir}/log-{p}.txt 2>&1 & s=$!; \
          while kill -0 {parent} 2>/dev/null && kill -0 $s 2>/dev/null; do sleep 0.5; done; \
-         kill $s 2>/dev/null",
+         kill $s 2>/dev/null; \
+         if ! kill -0 {parent} 2>/dev/null; then \
+           wait $s 2>/dev/null; rm -f {dir}/nodes-{p}.conf {dir}/log-{p}.txt; rmdir {dir} 2>/dev/null; \
+         fi",
         dir = dir.0.display()
     );
     Command::new("sh")
