@@ -168,6 +168,7 @@ async fn serve(
     };
     let listen = config.listen;
     tracing::info!("limits {}", config.store.describe());
+    tracing::info!("busy polling {}", busy_poll(&config));
     let gateway = match Gateway::start(config, Arc::new(SystemClock)).await {
         Ok(g) => g,
         Err(e) => {
@@ -213,17 +214,24 @@ async fn serve(
     }
 }
 
+/// `busy_poll_ms` as `check-config` and the start-up log say it.
+fn busy_poll(c: &Config) -> String {
+    c.busy_poll
+        .map_or_else(|| "off".to_owned(), |w| format!("{} ms", w.as_millis()))
+}
+
 fn check_config(file: &std::path::Path) -> ExitCode {
     let parsed = FileConfig::load(file).and_then(|f| Config::resolve(f, process_env()));
     match parsed {
         Ok(c) => {
             println!(
-                "{}: ok (listen {}, data_dir {}, ledger_sync {:?}, limits {})",
+                "{}: ok (listen {}, data_dir {}, ledger_sync {:?}, limits {}, busy polling {})",
                 file.display(),
                 c.listen,
                 c.data_dir.display(),
                 c.ledger_sync,
-                c.store.describe()
+                c.store.describe(),
+                busy_poll(&c)
             );
             ExitCode::SUCCESS
         }

@@ -219,6 +219,26 @@ fn bad_config_names_the_key_and_exits_non_zero() {
     .unwrap();
     let out = run(&dir.0, &["check-config", good.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("busy polling off"),
+        "{}",
+        text(&out.stdout)
+    );
+    std::fs::write(&good, "busy_poll_ms = 250\n").unwrap();
+    let out = run(&dir.0, &["check-config", good.to_str().unwrap()]);
+    assert!(
+        text(&out.stdout).contains("busy polling 250 ms"),
+        "{}",
+        text(&out.stdout)
+    );
+    std::fs::write(&good, "busy_poll_ms = 70000\n").unwrap();
+    let out = run(&dir.0, &["check-config", good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("busy_poll_ms"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = run(
         &dir.0,
