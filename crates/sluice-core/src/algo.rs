@@ -99,10 +99,18 @@ impl LimitState {
         }
     }
 
-    /// Take `amount` (even past the limit) and return the mark for a refund.
-    pub(crate) fn charge(&mut self, limit: &Limit, now: u64, amount: u64) -> u64 {
+    /// Take `amount` (even past the limit); the mark for a refund and the
+    /// level right after.
+    pub(crate) fn charge_level(&mut self, limit: &Limit, now: u64, amount: u64) -> (u64, Level) {
         self.conform(limit);
-        match (self, &limit.params) {
+        let mark = match (&mut *self, &limit.params) {
+            // GCRA reports its level from the same arithmetic.
+            (LimitState::Gcra(_, s), Params::Gcra { window, burst }) => {
+                return (
+                    0,
+                    s.charge_level(*window, limit.limit(), *burst, now, amount),
+                );
+            }
             (
                 LimitState::Sliding(_, s),
                 Params::Sliding {
@@ -110,25 +118,9 @@ impl LimitState {
                     granularity,
                 },
             ) => s.charge(*window, *granularity, now, amount),
-            (LimitState::Gcra(_, s), Params::Gcra { window, .. }) => {
-                s.charge(*window, limit.limit(), now, amount)
-            }
             (LimitState::Fixed(_, s), params) => s.charge(params, now, amount),
             _ => 0,
-        }
-    }
-
-    /// `charge`, then `level` at the same instant (GCRA in one pass).
-    pub(crate) fn charge_level(&mut self, limit: &Limit, now: u64, amount: u64) -> (u64, Level) {
-        if let (LimitState::Gcra(_, s), Params::Gcra { window, burst }) =
-            (&mut *self, &limit.params)
-        {
-            return (
-                0,
-                s.charge_level(*window, limit.limit(), *burst, now, amount),
-            );
-        }
-        let mark = self.charge(limit, now, amount);
+        };
         (mark, self.level(limit, now))
     }
 

@@ -463,10 +463,7 @@ impl MemoryStore {
                 return Err(refusal);
             }
         }
-        let mut acquired = Acquired {
-            reservation: None,
-            levels: SmallVec::new(),
-        };
+        let mut acquired = Acquired::default();
         let mut held = Vec::new();
         let lease = matches!(hold, Hold::Lease { .. }).then_some(&mut held);
         Self::take(
@@ -517,10 +514,7 @@ impl Store for MemoryStore {
                 return Err(refusal);
             }
         }
-        let mut acquired = Acquired {
-            reservation: None,
-            levels: SmallVec::new(),
-        };
+        let mut acquired = Acquired::default();
         let mut held = Vec::new();
         for (p, spot) in plan.iter().zip(&spots) {
             let shard = &mut locked.guards[spot.guard];

@@ -59,7 +59,7 @@ pub enum Hold {
 }
 
 /// Amounts taken: levels in plan order (subject by subject, limit by limit).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Acquired {
     /// The reservation, for [`Hold::Lease`].
     pub reservation: Option<ReservationId>,

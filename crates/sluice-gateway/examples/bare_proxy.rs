@@ -104,8 +104,8 @@ async fn main() -> Result<(), String> {
     };
     if busy_ms > 0 {
         let busy = BusyPoll::new(std::time::Duration::from_millis(busy_ms));
-        busy.spawn(tokio::runtime::Handle::current().metrics().num_workers());
-        app = app.layer(busy.layer());
+        busy.spawn_per_worker();
+        app = app.layer(busy.layer(&[]));
     }
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }

@@ -42,8 +42,8 @@ struct Inner {
     /// When a check last saw a request, in ns since `epoch`.
     seen_ns: AtomicU64,
     epoch: Instant,
-    /// How long to keep spinning after the last request.
-    window: Duration,
+    /// How long to keep spinning after the last request, in ns.
+    window_ns: u64,
     /// How often the spinners look at `active`.
     check: Duration,
     /// Spinners spinning now.
@@ -68,7 +68,7 @@ impl BusyPoll {
                 active: AtomicBool::new(false),
                 seen_ns: AtomicU64::new(0),
                 epoch: Instant::now(),
-                window,
+                window_ns: nanos(window),
                 check: (window / 4).clamp(Duration::from_micros(100), Duration::from_millis(1)),
                 spinning: AtomicUsize::new(0),
                 parked: AtomicUsize::new(0),
@@ -77,10 +77,15 @@ impl BusyPoll {
         }
     }
 
-    /// Start `spinners` spinner tasks on the current runtime (one per worker
-    /// thread is what keeps every worker from parking); they start parked.
-    /// The handles are for the caller to abort at shutdown.
-    pub fn spawn(&self, spinners: usize) -> Vec<JoinHandle<()>> {
+    /// Start one spinner task per worker thread of the current runtime
+    /// (what keeps every worker from parking); they start parked. The
+    /// handles are for the caller to abort at shutdown.
+    pub fn spawn_per_worker(&self) -> Vec<JoinHandle<()>> {
+        self.spawn(tokio::runtime::Handle::current().metrics().num_workers())
+    }
+
+    /// Start `spinners` spinner tasks on the current runtime.
+    fn spawn(&self, spinners: usize) -> Vec<JoinHandle<()>> {
         (0..spinners.max(1))
             .map(|_| tokio::spawn(spin(Arc::clone(&self.inner))))
             .collect()
@@ -102,18 +107,18 @@ impl BusyPoll {
         }
     }
 
-    /// A router layer that marks every request but health checks and
-    /// metrics scrapes (a load balancer probing `/healthz` every second must
-    /// not keep the workers spinning). No boxing: each route keeps its own
-    /// future.
+    /// A router layer that marks every request except those to `probes`
+    /// (a load balancer probing a health check every second must not keep
+    /// the workers spinning). No boxing: each route keeps its own future.
     pub fn layer(
         &self,
+        probes: &'static [&'static str],
     ) -> tower::util::MapRequestLayer<
         impl Fn(axum::extract::Request) -> axum::extract::Request + Clone + Send + Sync + 'static,
     > {
         let busy = self.clone();
         tower::util::MapRequestLayer::new(move |req: axum::extract::Request| {
-            if !matches!(req.uri().path(), "/healthz" | "/metrics") {
+            if !probes.contains(&req.uri().path()) {
                 busy.mark();
             }
             req
@@ -126,20 +131,19 @@ impl BusyPoll {
     }
 }
 
-impl Inner {
-    fn since_epoch(&self, t: Instant) -> u64 {
-        u64::try_from(t.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
+impl Inner {
     /// Whether requests came within the window, as of `now`.
     fn recently_active(&self, now: Instant) -> bool {
-        let now_ns = self.since_epoch(now);
+        let now_ns = nanos(now.duration_since(self.epoch));
         if self.active.swap(false, Ordering::Relaxed) {
             self.seen_ns.fetch_max(now_ns, Ordering::Relaxed);
             return true;
         }
-        let window = u64::try_from(self.window.as_nanos()).unwrap_or(u64::MAX);
-        now_ns.saturating_sub(self.seen_ns.load(Ordering::Relaxed)) < window
+        now_ns.saturating_sub(self.seen_ns.load(Ordering::Relaxed)) < self.window_ns
     }
 }
 

@@ -115,13 +115,7 @@ impl Ledger {
             }
             LedgerSync::Batch => (None, None),
         };
-        self.stats.pending.fetch_add(n, Ordering::Relaxed);
-        let msg = Msg::Rows {
-            rows,
-            idem,
-            enqueued_ns: self.clock.now().as_nanos(),
-            ack,
-        };
+        let msg = self.rows(rows, idem, ack);
         if self.tx.send(msg).await.is_err() {
             tracing::error!("ledger writer has stopped; {n} rows not recorded");
             return;
@@ -140,14 +134,7 @@ impl Ledger {
             return Err(rows);
         }
         let n = rows.len() as u64;
-        self.stats.pending.fetch_add(n, Ordering::Relaxed);
-        let msg = Msg::Rows {
-            rows,
-            idem: None,
-            enqueued_ns: self.clock.now().as_nanos(),
-            ack: None,
-        };
-        match self.tx.try_send(msg) {
+        match self.tx.try_send(self.rows(rows, None, None)) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.stats.pending.fetch_sub(n, Ordering::Relaxed);
@@ -156,6 +143,24 @@ impl Ledger {
                     _ => Ok(()),
                 }
             }
+        }
+    }
+
+    /// The message that queues `rows`, counted as pending from now.
+    fn rows(
+        &self,
+        rows: Vec<LedgerRow>,
+        idem: Option<IdemRow>,
+        ack: Option<oneshot::Sender<()>>,
+    ) -> Msg {
+        self.stats
+            .pending
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Msg::Rows {
+            rows,
+            idem,
+            enqueued_ns: self.clock.now().as_nanos(),
+            ack,
         }
     }
 

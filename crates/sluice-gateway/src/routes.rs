@@ -80,7 +80,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
     match busy_poll {
-        Some(busy) => router.layer(busy.layer()),
+        // Health checks and metrics scrapes do not keep the workers spinning.
+        Some(busy) => router.layer(busy.layer(&["/healthz", "/metrics"])),
         None => router,
     }
 }

@@ -337,8 +337,7 @@ impl Gateway {
             tokio::spawn(crate::alerts::run(Arc::clone(&state), alert_rx)),
         ];
         if let Some(busy) = &state.busy_poll {
-            // One spinner per worker thread, so that no worker parks while traffic flows.
-            tasks.extend(busy.spawn(tokio::runtime::Handle::current().metrics().num_workers()));
+            tasks.extend(busy.spawn_per_worker());
         }
         if let crate::db::Pool::Postgres(pool) = state.db.pool() {
             tasks.push(tokio::spawn(follow_changes(

@@ -61,13 +61,8 @@ impl GcraState {
         Admit::At(u64::try_from(u128::from(now) + wait).unwrap_or(u64::MAX))
     }
 
-    pub(super) fn charge(&mut self, window: u64, rate: u64, now: u64, amount: u64) -> u64 {
-        let pending = self.pending(now) + u128::from(amount) * u128::from(window);
-        self.store(now, rate, pending);
-        0
-    }
-
-    /// `charge`, then `level`, working out what is pending once.
+    /// Take `amount` (even past the limit) and report the level after it,
+    /// working out what is pending once.
     pub(super) fn charge_level(
         &mut self,
         window: u64,
@@ -78,13 +73,7 @@ impl GcraState {
     ) -> Level {
         let pending = self.pending(now) + u128::from(amount) * u128::from(window);
         self.store(now, rate, pending);
-        let used = u64::try_from(div_ceil(pending, window)).unwrap_or(u64::MAX);
-        let wait = u64::try_from(div_ceil(pending, rate)).unwrap_or(u64::MAX);
-        Level {
-            used: used.min(burst),
-            remaining: burst.saturating_sub(used),
-            reset_at: now.saturating_add(wait),
-        }
+        self.level_with(pending, window, burst, now)
     }
 
     pub(super) fn refund(&mut self, window: u64, amount: u64) {
@@ -96,22 +85,32 @@ impl GcraState {
     }
 
     pub(super) fn level(&self, window: u64, burst: u64, now: u64) -> Level {
-        let used = u64::try_from(div_ceil(self.pending(now), window)).unwrap_or(u64::MAX);
+        self.level_with(self.pending(now), window, burst, now)
+    }
+
+    /// The level when `pending` is in the bucket at `now`.
+    fn level_with(&self, pending: u128, window: u64, burst: u64, now: u64) -> Level {
+        let used = u64::try_from(div_ceil(pending, window)).unwrap_or(u64::MAX);
         Level {
             used: used.min(burst),
             remaining: burst.saturating_sub(used),
-            reset_at: self.idle_at(now),
+            reset_at: self.empty_at(pending, now),
         }
     }
 
     /// When the bucket is empty at the rate it was last charged with
-    /// (`now` if it already is). Divides only what is pending, which is small,
-    /// not the whole scaled TAT.
+    /// (`now` if it already is).
     pub(super) fn idle_at(&self, now: u64) -> u64 {
+        self.empty_at(self.pending(now), now)
+    }
+
+    /// When `pending` (at `now`) has drained. Divides only what is pending,
+    /// which is small, not the whole scaled TAT.
+    fn empty_at(&self, pending: u128, now: u64) -> u64 {
         if self.scale == 0 {
             return now;
         }
-        let wait = u64::try_from(div_ceil(self.pending(now), self.scale)).unwrap_or(u64::MAX);
+        let wait = u64::try_from(div_ceil(pending, self.scale)).unwrap_or(u64::MAX);
         now.saturating_add(wait)
     }
 }
