@@ -3,8 +3,10 @@
 # The address a server prints as `listening on http://ADDR` in its log ($1).
 wait_addr() {
   for _ in $(seq 1 100); do
-    addr="$(grep -o 'listening on http://[0-9.:]*' "$1" | head -1 | sed 's/listening on //')" || true
-    [ -n "$addr" ] && { echo "$addr"; return; }
+    addr="$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$1" | head -1 | sed 's/listening on //')" || true
+    # Read it twice: a slow writer (valgrind) may be caught mid-line.
+    [ -n "$addr" ] && sleep 0.1 && [ "$addr" = "$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$1" | head -1 | sed 's/listening on //')" ] \
+      && { echo "$addr"; return; }
     sleep 0.1
   done
   echo "server did not start: $(cat "$1")" >&2; exit 1

@@ -602,8 +602,8 @@ pub struct Quota {
 pub struct Proxy {
     /// Providers.
     pub providers: Vec<Provider>,
-    /// Models by name.
-    pub models: std::collections::BTreeMap<String, Model>,
+    /// Models by name (shared: a request holds its model without copying it).
+    pub models: std::collections::BTreeMap<String, std::sync::Arc<Model>>,
     /// Longest upstream call, retries included.
     pub timeout: Duration,
     /// Attempts per model.
@@ -864,7 +864,10 @@ fn resolve_proxy(
     }
     Ok(Proxy {
         providers,
-        models,
+        models: models
+            .into_iter()
+            .map(|(name, m)| (name, std::sync::Arc::new(m)))
+            .collect(),
         timeout,
         attempts,
         backoff: Duration::from_millis(backoff_ms),

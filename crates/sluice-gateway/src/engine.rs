@@ -340,7 +340,10 @@ impl Engine {
                 let now = m.limiter.clock().now();
                 Ok(m.limiter.charge_at(request, now))
             }
-            Engine::Redis(r) => match r.limiter.force(request).await {
+            // Every Redis call is boxed: its future is kilobytes, and inline it
+            // would grow every caller's future (the proxy's among them), which
+            // is moved whole when the server boxes a handler's future.
+            Engine::Redis(r) => match Box::pin(r.limiter.force(request)).await {
                 Ok(s) => {
                     r.up();
                     Ok(s.value)
@@ -372,7 +375,7 @@ impl Engine {
     pub async fn check(&self, request: &Request) -> Result<Decision, Unavailable> {
         match self {
             Engine::Memory(m) => Ok(m.check(request)),
-            Engine::Redis(r) => match r.limiter.check(request).await {
+            Engine::Redis(r) => match Box::pin(r.limiter.check(request)).await {
                 Ok(d) => {
                     r.up();
                     Ok(d.value)
@@ -390,7 +393,7 @@ impl Engine {
     pub async fn usage(&self, subject: &Subject) -> Result<Vec<LimitStatus>, Unavailable> {
         match self {
             Engine::Memory(m) => Ok(m.limiter.usage(subject)),
-            Engine::Redis(r) => match r.limiter.usage(subject).await {
+            Engine::Redis(r) => match Box::pin(r.limiter.usage(subject)).await {
                 Ok(s) => {
                     r.up();
                     Ok(s.value.into_vec())
@@ -414,7 +417,7 @@ impl Engine {
             Engine::Memory(m) => Ok(m.reserve(request, lease, meta)),
             Engine::Redis(r) => {
                 let json = meta_json(&meta);
-                match r.limiter.reserve(request, lease, &meta.caller, &json).await {
+                match Box::pin(r.limiter.reserve(request, lease, &meta.caller, &json)).await {
                     Ok(t) => {
                         r.up();
                         Ok(t.value.map(|res| {
@@ -465,10 +468,11 @@ impl Engine {
             // Made by this replica's fallback while Redis was down (or unknown).
             return Ok(r.fallback.settle(public, owner, actual));
         };
-        match r
-            .limiter
-            .settle(ReservationId(n), owner.unwrap_or(""), actual.as_ref())
-            .await
+        match Box::pin(
+            r.limiter
+                .settle(ReservationId(n), owner.unwrap_or(""), actual.as_ref()),
+        )
+        .await
         {
             Ok(s) => {
                 r.up();

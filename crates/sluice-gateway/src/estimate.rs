@@ -65,7 +65,7 @@ fn is_claude(model: &str) -> bool {
 }
 
 /// Load the tokenizers the configured models need (at start, not on the first request).
-pub fn warm(models: &std::collections::BTreeMap<String, crate::config::Model>) {
+pub fn warm(models: &std::collections::BTreeMap<String, std::sync::Arc<crate::config::Model>>) {
     for m in models.values() {
         match Counter::for_model(&m.upstream_name) {
             // Looking an OpenAI model's encoding up loads it.

@@ -155,7 +155,7 @@ pub const UPSTREAM_PATHS: &[&str] = &[
 const COUNT_TOKENS_PATH: &str = "messages/count_tokens";
 
 /// Load the tokenizers the configured models need (at start, not on the first request).
-pub fn warm_tokenizers(models: &std::collections::BTreeMap<String, Model>) {
+pub fn warm_tokenizers(models: &std::collections::BTreeMap<String, Arc<Model>>) {
     crate::estimate::warm(models);
 }
 
@@ -866,7 +866,7 @@ fn admit(
     headers: &HeaderMap,
     body: &Bytes,
     wire: Wire,
-) -> Result<(Caller, Value, Model), Response> {
+) -> Result<(Caller, Value, Arc<Model>), Response> {
     let caller = st.keys.authenticate(headers).map_err(|e| {
         wire_error(
             wire,
@@ -977,11 +977,20 @@ async fn proxy_request(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let degraded = degrade(&st, &caller, &headers, endpoint, &mut req, &mut first).await;
+    // Boxed, and only when a policy degrades: the rare path keeps its
+    // kilobytes of future out of this one (see `call_upstream`).
+    let degraded = if st.degrade_any.load(std::sync::atomic::Ordering::Acquire) {
+        Box::pin(degrade(
+            &st, &caller, &headers, endpoint, &mut req, &mut first,
+        ))
+        .await
+    } else {
+        None
+    };
     let streaming = endpoint.streams() && req["stream"].as_bool() == Some(true);
     let client_wants_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
     // The model asked for, then its fallbacks, in order.
-    let candidates: Vec<Model> = std::iter::once(first.clone())
+    let candidates: Vec<Arc<Model>> = std::iter::once(Arc::clone(&first))
         .chain(
             first
                 .fallbacks
@@ -994,7 +1003,12 @@ async fn proxy_request(
         let provider = &st.config.proxy.providers[model.provider];
         let more = i + 1 < candidates.len();
         // Each candidate holds its own worst case on its own subjects (`model:NAME` differs).
-        let held = match reserve_for(endpoint, &st, &caller, &headers, &req, model).await {
+        // The three phases are boxed: each future is kilobytes, and inline
+        // they made this one 17-27 KB, which axum moves whole twice when it
+        // boxes the handler's future (see docs/BENCHMARKS.md, instructions
+        // per proxied call).
+        let held = match Box::pin(reserve_for(endpoint, &st, &caller, &headers, &req, model)).await
+        {
             Ok(h) => h,
             // The provider's quota is spent: the next model may be under its own.
             Err(refused) if refused.by_quota && more => {
@@ -1030,13 +1044,13 @@ async fn proxy_request(
             held: held.amounts,
             model: model.name.clone(),
         };
-        let called = call_upstream(
+        let called = Box::pin(call_upstream(
             &st,
             model.provider,
             endpoint.path(),
             upstream_body,
             &headers,
-        )
+        ))
         .await;
         guard.disarm();
         let resp = match called {
@@ -1045,20 +1059,20 @@ async fn proxy_request(
                 tracing::warn!("{} via {}: {why}", model.name, provider.name);
                 // Error answers and failures to connect cost nothing; a call
                 // that may have been served is charged its worst case.
-                finish(
+                Box::pin(finish(
                     &st,
                     &held.public,
                     maybe_served.0.then_some(held.amounts),
                     json!({"model": model.name, "error": why, "failover": more,
                         "maybe_served": maybe_served.0}),
                     None,
-                )
+                ))
                 .await;
                 failure = (last, why);
                 continue;
             }
         };
-        let mut answered = answer(
+        let mut answered = Box::pin(answer(
             endpoint,
             &st,
             resp,
@@ -1066,7 +1080,7 @@ async fn proxy_request(
             held,
             streaming,
             client_wants_usage,
-        )
+        ))
         .await;
         if let Some(d) = degraded
             .as_deref()
@@ -1125,7 +1139,7 @@ async fn degrade(
     headers: &HeaderMap,
     endpoint: Endpoint,
     req: &mut Value,
-    model: &mut Model,
+    model: &mut Arc<Model>,
 ) -> Option<String> {
     if !st.degrade_any.load(std::sync::atomic::Ordering::Acquire) {
         return None;
@@ -1158,7 +1172,7 @@ async fn degrade(
             Some(m)
                 if st.config.proxy.providers[m.provider].wire == wire && m.name != model.name =>
             {
-                *model = m.clone();
+                *model = Arc::clone(m);
                 req["model"] = Value::from(m.name.clone());
                 changed.push(format!("model={}", m.name));
             }
@@ -1249,7 +1263,7 @@ async fn answer(
     endpoint: Endpoint,
     st: &Arc<AppState>,
     resp: crate::upstream::Answer,
-    model: &Model,
+    model: &Arc<Model>,
     held: Held,
     streaming: bool,
     client_wants_usage: bool,
@@ -1273,7 +1287,7 @@ async fn answer(
         let settle = StreamSettle {
             st: Arc::clone(st),
             id: Some(held.public.clone()),
-            model: model.clone(),
+            model: Arc::clone(model),
             held: held.amounts,
             input_estimate: held.input_estimate,
             known_input: None,
@@ -1291,7 +1305,14 @@ async fn answer(
         Err(e) => {
             // The upstream answered but the body broke: it may have served; charge the hold.
             let detail = json!({"model": model.name, "error": format!("upstream body: {e}")});
-            finish(st, &held.public, Some(held.amounts), detail, request_id).await;
+            Box::pin(finish(
+                st,
+                &held.public,
+                Some(held.amounts),
+                detail,
+                request_id,
+            ))
+            .await;
             return wire_error(
                 wire,
                 StatusCode::BAD_GATEWAY,
@@ -1330,7 +1351,7 @@ async fn answer(
 struct StreamSettle {
     st: Arc<AppState>,
     id: Option<String>,
-    model: Model,
+    model: Arc<Model>,
     held: Amounts,
     input_estimate: u64,
     /// Input (and its cached parts) reported before the stream's end (Anthropic's `message_start`).

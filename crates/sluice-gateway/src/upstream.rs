@@ -299,15 +299,18 @@ impl Upstreams {
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }
                 Some(url) => {
-                    let r = clients
-                        .proxied
-                        .post(url.clone())
-                        .headers(headers)
-                        .header(header::CONTENT_TYPE, "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                        .map_err(|e| send_error(&e, e.is_connect()))?;
+                    // Boxed: reqwest's future is large and this path is the rare one.
+                    let r = Box::pin(
+                        clients
+                            .proxied
+                            .post(url.clone())
+                            .headers(headers)
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .body(body)
+                            .send(),
+                    )
+                    .await
+                    .map_err(|e| send_error(&e, e.is_connect()))?;
                     let (parts, body) = axum::http::Response::<reqwest::Body>::from(r).into_parts();
                     Ok((parts, body.map_err(BoxError::from).boxed_unsync()))
                 }

@@ -77,6 +77,52 @@ async fn ledger_since_returns_exactly_the_rows_at_or_after_the_cutoff() {
     db.close().await;
 }
 
+/// Batches of every size from 1 to 40 come back whole: every column of every
+/// row as written, in the order written.
+#[tokio::test]
+async fn batches_of_every_size_are_written_whole_and_in_order() {
+    let dir = TempDir::new("ledger-chunks");
+    let db = Db::open(&dir.0, LedgerSync::Batch).await.unwrap();
+    let mut sink = SqliteSink::open(&Db::path(&dir.0), LedgerSync::Batch).unwrap();
+    let t0 = 1_800_000_000 * SEC;
+    let mut all = Vec::new();
+    let mut n = 0u64;
+    for size in 1..=40u64 {
+        let batch: Vec<LedgerRow> = (0..size)
+            .map(|_| {
+                n += 1;
+                // Every column differs from row to row; the optional ones
+                // are set on some rows and not others.
+                let mut r = row(t0 + n * SEC, n);
+                r.kind = if n % 2 == 0 {
+                    RowKind::Reserve
+                } else {
+                    RowKind::Commit
+                };
+                r.reservation = (n % 3 != 0).then(|| format!("res-{n}"));
+                r.subjects = vec![format!("user:{n}"), "global".into()];
+                r.amounts = Amounts::one_request()
+                    .with_tokens(n, 2 * n)
+                    .with_cost_micros(7 * n);
+                r.held = (n % 4 == 0).then(|| Amounts::one_request().with_cost_micros(n));
+                r.reserved_ns = (n % 5 != 0).then_some(t0 + n);
+                r.caller = format!("key-{}", n % 7);
+                r.request_id = (n % 6 != 0).then(|| format!("r{n}"));
+                r.detail = (n % 2 == 1).then(|| format!("{{\"n\":{n}}}"));
+                r
+            })
+            .collect();
+        sink.write(&batch, &[]).unwrap();
+        all.extend(batch);
+    }
+    let got = db.ledger_since(0).await.unwrap();
+    assert_eq!(got.len(), all.len());
+    for (g, w) in got.iter().zip(&all) {
+        assert_eq!(format!("{g:?}"), format!("{w:?}"));
+    }
+    db.close().await;
+}
+
 /// Admin writes that read, then write (the kill switch reads the agent's
 /// status first) succeed while the ledger writer commits on its own
 /// connection: a deferred SQLite transaction would fail at once with

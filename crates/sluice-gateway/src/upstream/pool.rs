@@ -48,19 +48,24 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most idle connections kept per upstream host.
 pub const MAX_IDLE: usize = 512;
 
+/// hyper's half of an upstream connection: it reads and writes the socket.
+type Conn = Connection<Io, Full<Bytes>>;
+
 /// A connection and its request handle.
 struct Driven {
     send: SendRequest<Full<Bytes>>,
     /// `None` once it has finished (closed or failed): dropped then, so a
     /// request or body still waiting on it gets an error instead of hanging.
-    conn: Option<Connection<Io, Full<Bytes>>>,
+    /// Boxed: hyper's connection state is large, and a `Driven` moves in and
+    /// out of the idle list on every request.
+    conn: Option<Pin<Box<Conn>>>,
 }
 
 impl Driven {
     /// Let the connection read and write what it can.
     fn poll_conn(&mut self, cx: &mut Context<'_>) {
         if let Some(conn) = &mut self.conn {
-            if Pin::new(conn).poll(cx).is_ready() {
+            if conn.as_mut().poll(cx).is_ready() {
                 self.conn = None;
             }
         }
@@ -226,7 +231,7 @@ impl Pool {
             .map_err(|e| UpstreamError::Connect(message(&e)))?;
         let mut d = Driven {
             send,
-            conn: Some(conn),
+            conn: Some(Box::pin(conn)),
         };
         std::future::poll_fn(|cx| {
             d.poll_conn(cx);
@@ -272,7 +277,8 @@ impl Pool {
         loop {
             let (mut d, pooled) = match self.shared.take(&to.scheme, &to.authority) {
                 Some(d) => (d, true),
-                None => (self.connect(&to.uri).await?, false),
+                // Boxed: connecting (TLS included) is rare and its future large.
+                None => (Box::pin(self.connect(&to.uri)).await?, false),
             };
             let answer = d.send.try_send_request(req);
             let mut answer = std::pin::pin!(answer);
