@@ -68,7 +68,6 @@ for want in 0 1 2; do
     if [ $((slot / 5462)) = "$want" ]; then SUBJECTS+=("$s"); break; fi
   done
 done
-POLICY='{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}'
 ONE="{\"subjects\": [\"${SUBJECTS[0]}\"], \"amounts\": {\"requests\": 1, \"cost_usd\": 0.0001}}"
 THREE="{\"subjects\": [\"${SUBJECTS[0]}\", \"${SUBJECTS[1]}\", \"${SUBJECTS[2]}\"], \"amounts\": {\"requests\": 1, \"cost_usd\": 0.0001}}"
 
@@ -84,7 +83,7 @@ SINGLE="$(start_replica single "$REDIS_URL" false)"
 CLUSTER="$(start_replica cluster "$CLUSTER_URL" true)"
 for url in "$SINGLE" "$CLUSTER"; do
   for s in "${SUBJECTS[@]}"; do
-    curl -fsS -X PUT "$url/v1/policies/$s" -H "authorization: Bearer $KEY" -H 'content-type: application/json' -d "$POLICY" >/dev/null
+    curl -fsS -X PUT "$url/v1/policies/$s" -H "authorization: Bearer $KEY" -H 'content-type: application/json' -d "$BENCH_POLICY" >/dev/null
   done
 done
 load() { # $1 url, $2 body

@@ -31,8 +31,7 @@ $PIN_SERVER "$BIN/examples/yardstick" 127.0.0.1:0 2>"$WORK/yard.log" &
 YARD="$(wait_addr "$WORK/yard.log")"
 
 AGENT="agent://bench/prod/bot"
-curl -fsS -X PUT "$SLUICE/v1/policies/$AGENT" -H "authorization: Bearer $KEY" -H 'content-type: application/json' \
-  -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+bench_policy "$SLUICE" "$KEY" "$AGENT"
 BODY="{\"subjects\": [\"$AGENT\"], \"amounts\": {\"requests\": 1, \"cost_usd\": 0.0001}}"
 
 run() { # $1 url, rest: extra args

@@ -11,11 +11,9 @@ ROUNDS="${ROUNDS:-4}"; SECS="${SECS:-8}"
 cargo build --release -q -p sluice
 cargo build --release -q -p sluice-gateway --example loadgen
 WORK="$(mktemp -d)"
-git worktree add -q "$WORK/old" "$OLD_REV"
-trap 'kill $(jobs -p) 2>/dev/null || true; git worktree remove --force "$WORK/old"; rm -rf "$WORK"' EXIT
-(cd "$WORK/old" && CARGO_TARGET_DIR="${OLD_TARGET:-$WORK/old-target}" cargo build --release -q -p sluice)
-OLD_BIN="${OLD_TARGET:-$WORK/old-target}/release/sluice"
 source bench/lib.sh
+trap 'kill $(jobs -p) 2>/dev/null || true; remove_old_rev; rm -rf "$WORK"' EXIT
+build_old_rev "$OLD_REV"
 PIN_SERVER=""; PIN_LOAD=""
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN_SERVER="taskset -c 0"; PIN_LOAD="taskset -c 1"; fi
 KEY="bench-admin-key-0123456789abcdef"
@@ -25,8 +23,7 @@ SLUICE_ADMIN_KEY="$KEY" SLUICE_LOG=warn $PIN_SERVER target/release/sluice serve 
 NEW="$(wait_addr "$WORK/new.log")"
 AGENT="agent://bench/prod/bot"
 for U in "$OLD" "$NEW"; do
-  curl -fsS -X PUT "$U/v1/policies/$AGENT" -H "authorization: Bearer $KEY" -H 'content-type: application/json' \
-    -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+  bench_policy "$U" "$KEY" "$AGENT"
 done
 BODY="{\"subjects\": [\"$AGENT\"], \"amounts\": {\"requests\": 1, \"cost_usd\": 0.0001}}"
 run() { local url="$1"; shift; $PIN_LOAD target/release/examples/loadgen "$url/v1/check" --body "$BODY" --header "authorization: Bearer $KEY" --conns 32 --secs "$SECS" "$@"; }

@@ -29,3 +29,25 @@ agent_key() {
   curl -fsS -X POST "$1/v1/keys" -H "authorization: Bearer $2" -H 'content-type: application/json' \
     -d "{\"subject\": \"$3\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
 }
+
+# A policy no benchmark run reaches: requests per hour and a dollar budget per day.
+BENCH_POLICY='{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}'
+
+# Put BENCH_POLICY on subject $3 of the sluice at $1 (admin key $2).
+bench_policy() {
+  curl -fsS -X PUT "$1/v1/policies/$3" -H "authorization: Bearer $2" -H 'content-type: application/json' \
+    -d "$BENCH_POLICY" >/dev/null
+}
+
+# Build commit $1 in a worktree at $WORK/old (into OLD_TARGET if set, else
+# $WORK/old-target); sets OLD_BIN to its `sluice`. The caller's EXIT trap
+# runs remove_old_rev.
+build_old_rev() {
+  git worktree add -q --detach "$WORK/old" "$1"
+  OLD_TARGET="${OLD_TARGET:-$WORK/old-target}"
+  (cd "$WORK/old" && CARGO_TARGET_DIR="$OLD_TARGET" cargo build --release -q -p sluice)
+  OLD_BIN="$OLD_TARGET/release/sluice"
+}
+remove_old_rev() {
+  if [ -d "${WORK:-}/old" ]; then git worktree remove --force "$WORK/old"; fi
+}

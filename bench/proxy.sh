@@ -75,8 +75,7 @@ start_sluice() { # $1: name (data dir, log), $2: extra sluice.toml lines; sets S
   BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN_PROXY "$BIN/sluice" serve \
     --listen 127.0.0.1:0 --data-dir "$WORK/$1" --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
   SLUICE_URL="$(wait_addr "$WORK/$1.log")"
-  curl -fsS -X PUT "$SLUICE_URL/v1/policies/$AGENT" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
-    -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+  bench_policy "$SLUICE_URL" "$ADMIN" "$AGENT"
 }
 start_sluice sluice ""; SLUICE="$SLUICE_URL"
 KEY="$(agent_key "$SLUICE" "$ADMIN" "$AGENT")"

@@ -13,11 +13,9 @@ ROUNDS="${ROUNDS:-6}"; SECS="${SECS:-6}"; STREAM="${STREAM:-true}"
 cargo build --release -q -p sluice
 cargo build --release -q -p sluice-gateway --example fake_upstream --example loadgen
 WORK="$(mktemp -d)"
-git worktree add -q "$WORK/old" "$OLD_REV"
-trap 'kill $(jobs -p) 2>/dev/null || true; git worktree remove --force "$WORK/old"; rm -rf "$WORK"' EXIT
-(cd "$WORK/old" && CARGO_TARGET_DIR="${OLD_TARGET:-$WORK/old-target}" cargo build --release -q -p sluice)
-OLD_BIN="${OLD_TARGET:-$WORK/old-target}/release/sluice"
 source bench/lib.sh
+trap 'kill $(jobs -p) 2>/dev/null || true; remove_old_rev; rm -rf "$WORK"' EXIT
+build_old_rev "$OLD_REV"
 PIN_UP=""; PIN_PROXY=""
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN_UP="taskset -c 0"; PIN_PROXY="taskset -c 1"; fi
 $PIN_UP target/release/examples/fake_upstream 2>"$WORK/up.log" &
@@ -29,8 +27,7 @@ start() { # $1 name, $2 binary; sets URL and KEY
   BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN_PROXY "$2" serve \
     --listen 127.0.0.1:0 --data-dir "$WORK/$1" --config "$WORK/sluice.toml" 2>"$WORK/$1.log" &
   URL="$(wait_addr "$WORK/$1.log")"
-  curl -fsS -X PUT "$URL/v1/policies/$AGENT" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
-    -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+  bench_policy "$URL" "$ADMIN" "$AGENT"
   KEY="$(agent_key "$URL" "$ADMIN" "$AGENT")"
 }
 start old "$OLD_BIN"; OLD="$URL"; KOLD="$KEY"

@@ -21,16 +21,13 @@ command -v valgrind >/dev/null && command -v callgrind_control >/dev/null \
 cargo build --release -q -p sluice
 cargo build --release -q -p sluice-gateway --example fake_upstream --example loadgen
 WORK="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${WT:-}" ] && git worktree remove --force "$WT" 2>/dev/null; rm -rf "$WORK"' EXIT
 source bench/lib.sh
+trap 'kill $(jobs -p) 2>/dev/null || true; remove_old_rev; rm -rf "$WORK"' EXIT
 BINS=("target/release/sluice")
 NAMES=("this tree")
 if [ -n "${1:-}" ]; then
-  WT="$WORK/old"
-  git worktree add -q --detach "$WT" "$1"
-  OLD_TARGET="${OLD_TARGET:-$WORK/old-target}"
-  (cd "$WT" && CARGO_TARGET_DIR="$OLD_TARGET" cargo build --release -q -p sluice) 2>&1 | tail -3
-  BINS=("$OLD_TARGET/release/sluice" "target/release/sluice")
+  build_old_rev "$1"
+  BINS=("$OLD_BIN" "target/release/sluice")
   NAMES=("$1" "this tree")
 fi
 target/release/examples/fake_upstream 2>"$WORK/up.log" &
@@ -56,8 +53,7 @@ for i in "${!BINS[@]}"; do
     --data-dir "$WORK/d$i" --config "$WORK/s.toml" 2>"$WORK/s$i.log" &
   PID=$!
   S="$(wait_addr "$WORK/s$i.log")"
-  curl -fsS -X PUT "$S/v1/policies/$AGENT" -H "authorization: Bearer $ADMIN" -H 'content-type: application/json' \
-    -d '{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}' >/dev/null
+  bench_policy "$S" "$ADMIN" "$AGENT"
   KEY="$(agent_key "$S" "$ADMIN" "$AGENT")"
   for stream in false true; do
     calls "$S" "$KEY" "$stream" 200 >/dev/null   # warm-up: pools, caches, tokenizer

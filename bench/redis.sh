@@ -32,7 +32,6 @@ source bench/lib.sh
 
 KEY="bench-admin-key-0123456789abcdef"
 AGENT="agent://bench/prod/bot"
-POLICY='{"limits": [{"metric": "requests", "limit": 1000000000, "window": "1h"}, {"metric": "cost_usd", "limit": 1000000, "window": "day"}]}'
 BODY="{\"subjects\": [\"$AGENT\"], \"amounts\": {\"requests\": 1, \"cost_usd\": 0.0001}}"
 
 start_replica() { # $1 name -> prints address
@@ -49,7 +48,7 @@ load() { # $1 url, rest: extra args
 }
 
 A="$(start_replica a)"
-curl -fsS -X PUT "$A/v1/policies/$AGENT" -H "authorization: Bearer $KEY" -H 'content-type: application/json' -d "$POLICY" >/dev/null
+curl -fsS -X PUT "$A/v1/policies/$AGENT" -H "authorization: Bearer $KEY" -H 'content-type: application/json' -d "$BENCH_POLICY" >/dev/null
 
 # The ceiling: the same script with a decision's keys and arguments.
 SHA="$(redis-cli -h "$RHOST" -p "$RPORT" SCRIPT LOAD "$(cat crates/sluice-redis/src/limits.lua)")"

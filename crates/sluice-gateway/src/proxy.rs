@@ -1132,7 +1132,8 @@ fn with_include_usage(body: &[u8]) -> Bytes {
 /// swapped for a configured one on the same wire and the output tokens are
 /// capped, before the reservation, so the worst case is the cheaper call's.
 /// What changed, for `x-sluice-degraded`. A usage read that fails changes
-/// nothing (the reservation then decides as usual).
+/// nothing (the reservation then decides as usual). Called only when some
+/// policy has degrade rules (`AppState::degrade_any`).
 async fn degrade(
     st: &AppState,
     caller: &Caller,
@@ -1141,9 +1142,6 @@ async fn degrade(
     req: &mut Value,
     model: &mut Arc<Model>,
 ) -> Option<String> {
-    if !st.degrade_any.load(std::sync::atomic::Ordering::Acquire) {
-        return None;
-    }
     let Ok(subjects) = subjects(caller, headers, model) else {
         return None;
     };
