@@ -13,6 +13,7 @@
 # Usage: bash bench/proxy_instr.sh            # N=400, CONNS=4
 #        bash bench/proxy_instr.sh REV        # the same for commit REV (built in a worktree,
 #                                             # into OLD_TARGET if set), then this tree
+#        OLD_BIN=path/to/sluice bash bench/proxy_instr.sh   # an already built binary, then this tree
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${N:-400}"; CONNS="${CONNS:-4}"
@@ -29,6 +30,9 @@ if [ -n "${1:-}" ]; then
   build_old_rev "$1"
   BINS=("$OLD_BIN" "target/release/sluice")
   NAMES=("$1" "this tree")
+elif [ -n "${OLD_BIN:-}" ]; then
+  BINS=("$OLD_BIN" "target/release/sluice")
+  NAMES=("$OLD_BIN" "this tree")
 fi
 target/release/examples/fake_upstream 2>"$WORK/up.log" &
 UP="$(wait_addr "$WORK/up.log")"

@@ -1287,10 +1287,10 @@ async fn answer(
             id: Some(held.public.clone()),
             model: Arc::clone(model),
             held: held.amounts,
-            input_estimate: held.input_estimate,
-            known_input: None,
-            text_bytes: 0,
-            usage: None,
+            read: StreamRead {
+                input_estimate: held.input_estimate,
+                ..StreamRead::default()
+            },
             started_ns: held.now.as_nanos(),
             request_id,
         };
@@ -1351,25 +1351,33 @@ struct StreamSettle {
     id: Option<String>,
     model: Arc<Model>,
     held: Amounts,
+    read: StreamRead,
+    started_ns: u64,
+    request_id: Option<String>,
+}
+
+/// What a stream's events have said so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct StreamRead {
+    /// The worst-case input estimate, for a stream whose usage never came.
     input_estimate: u64,
     /// Input (and its cached parts) reported before the stream's end (Anthropic's `message_start`).
     known_input: Option<TokenUsage>,
+    /// Bytes of text streamed.
     text_bytes: u64,
     usage: Option<TokenUsage>,
-    started_ns: u64,
-    request_id: Option<String>,
 }
 
 impl StreamSettle {
     fn settle(&mut self, completed: bool) {
         let Some(id) = self.id.take() else { return };
-        let (usage, how) = match self.usage {
+        let (usage, how) = match self.read.usage {
             Some(u) => (u, "usage"),
             None => (
                 TokenUsage {
-                    output: (self.text_bytes.div_ceil(3)).max(1),
-                    ..self.known_input.unwrap_or(TokenUsage {
-                        input: self.input_estimate,
+                    output: (self.read.text_bytes.div_ceil(3)).max(1),
+                    ..self.read.known_input.unwrap_or(TokenUsage {
+                        input: self.read.input_estimate,
                         ..TokenUsage::default()
                     })
                 },
@@ -1377,7 +1385,7 @@ impl StreamSettle {
             ),
         };
         let mut actual = amounts(&self.model, usage);
-        if self.usage.is_none() {
+        if self.read.usage.is_none() {
             // An estimate never exceeds what was held.
             for m in sluice_core::Metric::ALL {
                 actual.set(m, actual.get(m).min(self.held.get(m)));
@@ -1400,7 +1408,7 @@ impl StreamSettle {
     }
 }
 
-impl StreamSettle {
+impl StreamRead {
     /// Read one stream event's usage and text; whether to pass it on (the
     /// usage-only chunk Sluice asked for is dropped unless the client asked too).
     fn observe(&mut self, endpoint: Endpoint, v: &Value, client_wants_usage: bool) -> bool {
@@ -1420,7 +1428,9 @@ impl StreamSettle {
                 }
                 if let Some(u) = usage_of(endpoint, v) {
                     self.usage = Some(u);
-                    let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
+                    // No choices (none, or not a list): nothing a client
+                    // that did not ask for usage could read from it.
+                    let usage_only = v["choices"].as_array().is_none_or(Vec::is_empty);
                     return client_wants_usage || !usage_only;
                 }
             }
@@ -1568,8 +1578,8 @@ fn chat_chunk_fast(endpoint: Endpoint, data: &str) -> Option<(u64, Option<TokenU
     Some((chunk.text_bytes(), usage, !chunk.choices.is_empty()))
 }
 
-impl StreamSettle {
-    /// Read one event (see [`StreamSettle::observe`]); whether to pass it on.
+impl StreamRead {
+    /// Read one event (see [`StreamRead::observe`]); whether to pass it on.
     fn observe_event(
         &mut self,
         endpoint: Endpoint,
@@ -1635,6 +1645,7 @@ fn stream_through(
             while let Some(i) = memchr::memmem::find(&s.buf[from..], b"\n\n") {
                 let end = from + i + 2;
                 if s.settle
+                    .read
                     .observe_event(endpoint, &s.buf[at..end], client_wants_usage)
                 {
                     at = end;
@@ -1924,6 +1935,128 @@ mod tests {
             let mut tree: Value = serde_json::from_str(body).unwrap();
             tree["stream_options"]["include_usage"] = Value::from(true);
             assert_eq!(spliced, tree, "{body}");
+        }
+    }
+
+    /// Stream events of every wire's shapes, with the fields Sluice reads
+    /// present or not, of the right type or not.
+    fn stream_event() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let text = || {
+            prop_oneof![
+                Just(Value::Null),
+                "[a-z é\"\\\\\n\u{1}😀]{0,8}".prop_map(Value::from),
+                any::<u32>().prop_map(Value::from),
+                Just(json!(["x"])),
+            ]
+        };
+        let usage = prop_oneof![
+            Just(Value::Null),
+            Just(json!({"prompt_tokens": 5, "completion_tokens": 2})),
+            Just(json!({"prompt_tokens": 5})),
+            Just(json!({"input_tokens": 7, "output_tokens": 3, "cache_read_input_tokens": 2})),
+            Just(json!({"output_tokens": 9})),
+            Just(json!(3)),
+        ];
+        let kind = prop::sample::select(vec![
+            "content_block_delta",
+            "message_start",
+            "message_delta",
+            "ping",
+            "response.output_text.delta",
+            "response.reasoning_summary_text.delta",
+            "response.completed",
+            "response.failed",
+            "other",
+        ]);
+        (text(), text(), text(), usage, kind, any::<u16>()).prop_map(
+            |(t1, t2, t3, usage, kind, shape)| {
+                let bit = |i: u16| shape & (1 << i) != 0;
+                let mut v = json!({"id": "x", "created": 1});
+                if bit(0) {
+                    let mut choice = json!({"index": 0, "delta": {"content": t1}});
+                    if bit(1) {
+                        choice["text"] = t2.clone();
+                    }
+                    if bit(2) {
+                        choice["delta"]["tool_calls"] =
+                            json!([{"index": 0, "function": {"name": "f", "arguments": t3}}]);
+                    }
+                    v["choices"] = if bit(3) { json!([]) } else { json!([choice, choice]) };
+                }
+                if bit(4) {
+                    v["usage"] = usage.clone();
+                }
+                if bit(5) {
+                    v["type"] = Value::from(kind);
+                }
+                if bit(6) {
+                    v["delta"] = if bit(7) {
+                        t1.clone()
+                    } else {
+                        json!({"type": "text_delta", "text": t1, "partial_json": t2, "thinking": t3})
+                    };
+                }
+                if bit(8) {
+                    v["message"] = json!({"usage": usage});
+                }
+                if bit(9) {
+                    v["response"] = json!({"usage": usage});
+                }
+                v
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1024))]
+
+        /// An event read from its bytes (a chat chunk into a borrowed
+        /// struct, anything else into a tree) leaves the same usage, text
+        /// and pass-on verdict as the tree read of it.
+        #[test]
+        fn stream_events_are_read_as_the_tree_reads_them(
+            v in stream_event(),
+            wants in proptest::prelude::any::<bool>(),
+            pretty in proptest::prelude::any::<bool>(),
+        ) {
+            let data = if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) }.unwrap();
+            let event = format!("data: {}\n\n", data.replace('\n', "\ndata: "));
+            for endpoint in [Endpoint::Chat, Endpoint::Completions, Endpoint::Responses, Endpoint::Messages] {
+                let start = StreamRead { input_estimate: 100, ..StreamRead::default() };
+                let mut tree = start.clone();
+                let pass = tree.observe(endpoint, &v, wants);
+                let mut fast = start;
+                proptest::prop_assert_eq!(fast.observe_event(endpoint, event.as_bytes(), wants), pass);
+                proptest::prop_assert_eq!(&fast, &tree, "{:?} {}", endpoint, v);
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_usage_and_no_choices_reaches_only_a_client_that_asked() {
+        let usage = json!({"prompt_tokens": 3, "completion_tokens": 1});
+        let want = TokenUsage {
+            input: 3,
+            output: 1,
+            ..TokenUsage::default()
+        };
+        for (chunk, usage_only) in [
+            (json!({"choices": [], "usage": usage}), true),
+            (json!({"usage": usage}), true),
+            (json!({"choices": null, "usage": usage}), true),
+            (
+                json!({"choices": [{"delta": {"content": "ab"}}], "usage": usage}),
+                false,
+            ),
+        ] {
+            for wants in [false, true] {
+                let mut read = StreamRead::default();
+                let event = format!("data: {chunk}\n\n");
+                let passed = read.observe_event(Endpoint::Chat, event.as_bytes(), wants);
+                assert_eq!(passed, wants || !usage_only, "{chunk} {wants}");
+                assert_eq!(read.usage, Some(want), "{chunk}");
+            }
         }
     }
 
