@@ -23,7 +23,10 @@
 # of µs), so the latency tables show the proxy's own added work; the
 # throughput tables then compare shares of one core and mean little.
 # PLACEMENT=free leaves the proxies unpinned (they may run on core 0 beside
-# the load generator and upstream): a machine without a core to spare. Sluice enforces a
+# the load generator and upstream): a machine without a core to spare.
+# PLACEMENT=swap is the default placement with the cores exchanged (the
+# proxies on core 0): on a VM whose virtual CPUs do not run at the same
+# speed, the two placements bracket the ratios. Sluice enforces a
 # request limit and a dollar budget on the agent's key; LiteLLM runs with a
 # global `max_budget` (its per-key budgets need PostgreSQL plus Prisma engines
 # downloaded at start, which this offline machine cannot fetch).
@@ -33,6 +36,7 @@
 #   SECS=5 ROUNDS=1 LITELLM=0 bash bench/proxy.sh
 #   PLACEMENT=one ROUNDS=1 LITELLM=0 bash bench/proxy.sh   # latency without cross-core wake-ups
 #   PLACEMENT=free ROUNDS=2 LITELLM=0 bash bench/proxy.sh  # proxies unpinned: no core to spare
+#   PLACEMENT=swap ROUNDS=2 LITELLM=0 bash bench/proxy.sh  # the proxies on core 0, the rest on core 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${SECS:-10}"
@@ -52,6 +56,8 @@ if [ "${PLACEMENT:-split}" = "one" ] && command -v taskset >/dev/null; then
   PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 0"
 elif [ "${PLACEMENT:-split}" = "free" ] && command -v taskset >/dev/null; then
   PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY=""
+elif [ "${PLACEMENT:-split}" = "swap" ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  PIN_UP="taskset -c 1"; PIN_LOAD="taskset -c 1"; PIN_PROXY="taskset -c 0"
 elif command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   PIN_UP="taskset -c 0"; PIN_LOAD="taskset -c 0"; PIN_PROXY="taskset -c 1"
 fi
