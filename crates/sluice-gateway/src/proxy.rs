@@ -1371,19 +1371,7 @@ struct StreamRead {
 impl StreamSettle {
     fn settle(&mut self, completed: bool) {
         let Some(id) = self.id.take() else { return };
-        let (usage, how) = match self.read.usage {
-            Some(u) => (u, "usage"),
-            None => (
-                TokenUsage {
-                    output: (self.read.text_bytes.div_ceil(3)).max(1),
-                    ..self.read.known_input.unwrap_or(TokenUsage {
-                        input: self.read.input_estimate,
-                        ..TokenUsage::default()
-                    })
-                },
-                "estimated",
-            ),
-        };
+        let (usage, how) = self.read.charged();
         let mut actual = amounts(&self.model, usage);
         if self.read.usage.is_none() {
             // An estimate never exceeds what was held.
@@ -1409,6 +1397,25 @@ impl StreamSettle {
 }
 
 impl StreamRead {
+    /// What the stream is charged for, and from what: the usage it
+    /// reported, else an estimate from its text (and the input it reported,
+    /// else the input estimate).
+    fn charged(&self) -> (TokenUsage, &'static str) {
+        match self.usage {
+            Some(u) => (u, "usage"),
+            None => (
+                TokenUsage {
+                    output: (self.text_bytes.div_ceil(3)).max(1),
+                    ..self.known_input.unwrap_or(TokenUsage {
+                        input: self.input_estimate,
+                        ..TokenUsage::default()
+                    })
+                },
+                "estimated",
+            ),
+        }
+    }
+
     /// Read one stream event's usage and text; whether to pass it on (the
     /// usage-only chunk Sluice asked for is dropped unless the client asked too).
     fn observe(&mut self, endpoint: Endpoint, v: &Value, client_wants_usage: bool) -> bool {
