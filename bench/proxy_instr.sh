@@ -14,13 +14,14 @@
 #        bash bench/proxy_instr.sh REV        # the same for commit REV (built in a worktree,
 #                                             # into OLD_TARGET if set), then this tree
 #        OLD_BIN=path/to/sluice bash bench/proxy_instr.sh   # an already built binary, then this tree
+#        BARE=1 bash bench/proxy_instr.sh       # and the bare proxy (examples/bare_proxy.rs), the yardstick
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${N:-400}"; CONNS="${CONNS:-4}"
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null \
   || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release -q -p sluice
-cargo build --release -q -p sluice-gateway --example fake_upstream --example loadgen
+cargo build --release -q -p sluice-gateway --example fake_upstream --example loadgen --example bare_proxy
 WORK="$(mktemp -d)"
 source bench/lib.sh
 trap 'kill $(jobs -p) 2>/dev/null || true; remove_old_rev; rm -rf "$WORK"' EXIT
@@ -49,6 +50,18 @@ calls() { # $1 url, $2 key, $3 stream, $4 count: sends them, prints how many wer
   [ "$(field "$r" errors)" = 0 ] || { echo "errors: $r" >&2; exit 1; }
   field "$r" requests
 }
+measure() { # $1 name, $2 url, $3 key: a row per stream mode for the server $PID
+  local stream n1 n2 a b
+  for stream in false true; do
+    calls "$2" "$3" "$stream" 200 >/dev/null   # warm-up: pools, caches, tokenizer
+    sleep 1
+    callgrind_control -z "$PID" >/dev/null 2>&1; n1="$(calls "$2" "$3" "$stream" "$N")"; sleep 1
+    callgrind_control -d "$PID" >/dev/null 2>&1; a="$(ir_of "$PID")"
+    callgrind_control -z "$PID" >/dev/null 2>&1; n2="$(calls "$2" "$3" "$stream" $((2 * N)))"; sleep 1
+    callgrind_control -d "$PID" >/dev/null 2>&1; b="$(ir_of "$PID")"
+    echo "| $1 | $stream | $(( (b - a) / (n2 - n1) )) |"
+  done
+}
 echo "| build | stream | instructions per call |"
 echo "|---|---|---:|"
 for i in "${!BINS[@]}"; do
@@ -59,14 +72,13 @@ for i in "${!BINS[@]}"; do
   S="$(wait_addr "$WORK/s$i.log")"
   bench_policy "$S" "$ADMIN" "$AGENT"
   KEY="$(agent_key "$S" "$ADMIN" "$AGENT")"
-  for stream in false true; do
-    calls "$S" "$KEY" "$stream" 200 >/dev/null   # warm-up: pools, caches, tokenizer
-    sleep 1
-    callgrind_control -z "$PID" >/dev/null 2>&1; n1="$(calls "$S" "$KEY" "$stream" "$N")"; sleep 1
-    callgrind_control -d "$PID" >/dev/null 2>&1; a="$(ir_of "$PID")"
-    callgrind_control -z "$PID" >/dev/null 2>&1; n2="$(calls "$S" "$KEY" "$stream" $((2 * N)))"; sleep 1
-    callgrind_control -d "$PID" >/dev/null 2>&1; b="$(ir_of "$PID")"
-    echo "| ${NAMES[$i]} | $stream | $(( (b - a) / (n2 - n1) )) |"
-  done
+  measure "${NAMES[$i]}" "$S" "$KEY"
   kill "$PID"; wait "$PID" 2>/dev/null || true
 done
+if [ "${BARE:-0}" = 1 ]; then   # the yardstick: the bare proxy (forwarding bytes, nothing else)
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out.%p" target/release/examples/bare_proxy \
+    "$UP/v1" 2>"$WORK/bare.log" &
+  PID=$!
+  measure "bare proxy" "$(wait_addr "$WORK/bare.log")" sk-fake
+  kill "$PID"; wait "$PID" 2>/dev/null || true
+fi
