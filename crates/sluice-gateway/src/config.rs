@@ -77,6 +77,10 @@ pub struct FileConfig {
     pub upstream_attempts: Option<u32>,
     /// Base of the exponential back-off between attempts, in ms (default 250).
     pub upstream_backoff_ms: Option<u64>,
+    /// Largest body a proxied LLM call may have, in bytes (1024 to
+    /// 268435456; default 33554432, 32 MiB: Anthropic's own limit, room for
+    /// images and long contexts). The other API routes take 1 MiB.
+    pub max_request_bytes: Option<u64>,
     /// Where limit state lives: `[store]`.
     #[serde(default)]
     pub store: StoreDef,
@@ -612,7 +616,12 @@ pub struct Proxy {
     pub backoff: Duration,
     /// Provider quotas by subject (`provider:PROVIDER/UPSTREAM_NAME`).
     pub quotas: std::collections::BTreeMap<String, Quota>,
+    /// Largest body of a proxied call, in bytes.
+    pub max_body: usize,
 }
+
+/// The default `max_request_bytes`: 32 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
 
 impl Default for Proxy {
     fn default() -> Self {
@@ -623,6 +632,7 @@ impl Default for Proxy {
             attempts: 3,
             backoff: Duration::from_millis(250),
             quotas: std::collections::BTreeMap::new(),
+            max_body: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
@@ -862,6 +872,15 @@ fn resolve_proxy(
             format!("must be at most 60000, got {backoff_ms}"),
         ));
     }
+    let max_body = file
+        .max_request_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_BYTES as u64);
+    if !(1024..=1 << 28).contains(&max_body) {
+        return Err(ConfigError::new(
+            "max_request_bytes",
+            format!("must be 1024 to 268435456, got {max_body}"),
+        ));
+    }
     Ok(Proxy {
         providers,
         models: models
@@ -872,6 +891,7 @@ fn resolve_proxy(
         attempts,
         backoff: Duration::from_millis(backoff_ms),
         quotas: quotas.into_iter().map(|(s, (q, _))| (s, q)).collect(),
+        max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
     })
 }
 
@@ -1167,6 +1187,11 @@ mod tests {
             Some(Duration::from_millis(250))
         );
         assert_eq!(parse("busy_poll_ms = 0").unwrap().busy_poll, None);
+        assert_eq!(c.proxy.max_body, 32 << 20);
+        assert_eq!(
+            parse("max_request_bytes = 4096").unwrap().proxy.max_body,
+            4096
+        );
     }
 
     #[test]
@@ -1178,6 +1203,8 @@ mod tests {
             ("ledger_batch_ms = 51", "ledger_batch_ms"),
             ("busy_poll_ms = 60001", "busy_poll_ms"),
             ("busy_poll_ms = -1", "busy_poll_ms"),
+            ("max_request_bytes = 1023", "max_request_bytes"),
+            ("max_request_bytes = 268435457", "max_request_bytes"),
             ("default_lease_s = -1.0", "default_lease_s"),
             ("server = \"ftp://x\"", "server"),
             ("lisen = \"127.0.0.1:1\"", "lisen"),

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -818,45 +818,93 @@ async fn call_upstream(
 pub async fn openai_chat(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy_request(st, headers, body, Endpoint::Chat).await
+    route(st, headers, body, Endpoint::Chat).await
 }
 
 /// `POST /v1/completions` (OpenAI wire).
 pub async fn openai_completions(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy_request(st, headers, body, Endpoint::Completions).await
+    route(st, headers, body, Endpoint::Completions).await
 }
 
 /// `POST /v1/embeddings` (OpenAI wire).
 pub async fn openai_embeddings(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy_request(st, headers, body, Endpoint::Embeddings).await
+    route(st, headers, body, Endpoint::Embeddings).await
 }
 
 /// `POST /v1/responses` (OpenAI wire).
 pub async fn openai_responses(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy_request(st, headers, body, Endpoint::Responses).await
+    route(st, headers, body, Endpoint::Responses).await
 }
 
 /// `POST /v1/messages` (Anthropic wire).
 pub async fn anthropic_messages(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    proxy_request(st, headers, body, Endpoint::Messages).await
+    route(st, headers, body, Endpoint::Messages).await
+}
+
+/// A proxied route: the body, bounded, then the call.
+async fn route(st: Arc<AppState>, headers: HeaderMap, body: Body, endpoint: Endpoint) -> Response {
+    match read_body(&st, &headers, body, endpoint.wire()).await {
+        Ok(body) => proxy_request(st, headers, body, endpoint).await,
+        Err(r) => r,
+    }
+}
+
+/// A proxied call's body, at most `max_request_bytes` (refused from its
+/// `Content-Length` before it is read when that says more), or the wire's
+/// 413 `request_too_large`.
+async fn read_body(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    wire: Wire,
+) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt;
+    let max = st.config.proxy.max_body;
+    let too_large = || {
+        wire_error(
+            wire,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than {max} bytes (max_request_bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(wire_error(
+            wire,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_body",
+            format!("the request body could not be read: {e}"),
+        )),
+    }
 }
 
 /// The caller, the request's JSON and its configured model, or the wire-shaped error.
@@ -928,9 +976,13 @@ fn admit(
 pub async fn anthropic_count_tokens(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let wire = Wire::Anthropic;
+    let body = match read_body(&st, &headers, body, wire).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let (_, mut req, model) = match admit(&st, &headers, &body, wire) {
         Ok(x) => x,
         Err(r) => return r,
@@ -1749,8 +1801,8 @@ mod tests {
         // axum moves a handler's future whole twice a call. With its phases
         // boxed it is about 1 KB; any one of them inline makes it 3-6 KB in
         // a debug build (27 KB in release before this was done).
-        let size = returned_size(proxy_request);
-        assert!(size <= 2048, "proxy_request's future is {size} bytes");
+        let size = returned_size(route);
+        assert!(size <= 2048, "the proxy route's future is {size} bytes");
     }
 
     #[test]

@@ -1610,3 +1610,108 @@ async fn require_approval_holds_a_proxied_call_until_approved() {
     assert_eq!(outstanding(&s).await, 0);
     s.stop().await;
 }
+
+/// A body sent with `Transfer-Encoding: chunked` (no `Content-Length`), in 1 KB chunks.
+async fn chunked(s: &Server, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Value) {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(1024).map(|c| Ok(c.to_vec())).collect();
+    let mut req = reqwest::Client::new()
+        .post(format!("{}{path}", s.url))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_are_forwarded_and_ones_over_max_request_bytes_refused_in_the_wire_shape() {
+    // A 3 MB image inline: over axum's 2 MB default, well under the 32 MiB default.
+    let (s, up, key, _dir) = setup(10.0).await;
+    let image = format!("data:image/png;base64,{}", "A".repeat(3 << 20));
+    let big = json!({"model": "gpt-test", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": image}}]}]});
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(big))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(up.received().len(), 1);
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+
+    let (s, up, key, _dir) =
+        setup_with(10.0, "upstream_attempts = 1\nmax_request_bytes = 4096\n").await;
+    let text = |n: usize| "word ".repeat(n / 5);
+    let openai = |n| {
+        serde_json::to_vec(&json!({"model": "gpt-test", "max_tokens": 10,
+        "messages": [{"role": "user", "content": text(n)}]}))
+        .unwrap()
+    };
+    let anthropic = |n| {
+        serde_json::to_vec(&json!({"model": "claude-test", "max_tokens": 10,
+        "messages": [{"role": "user", "content": text(n)}]}))
+        .unwrap()
+    };
+    let bearer = format!("Bearer {key}");
+    let oa = [
+        ("authorization", bearer.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let an = [
+        ("x-api-key", key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+        ("content-type", "application/json"),
+    ];
+    // Under the limit: served.
+    let r = s
+        .raw(
+            Method::POST,
+            "/v1/chat/completions",
+            &oa,
+            Some(openai(3_000)),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let served = up.received().len();
+    // Over it, with a Content-Length: refused before the body is read.
+    for path in ["/v1/chat/completions", "/v1/embeddings", "/v1/responses"] {
+        let r = s.raw(Method::POST, path, &oa, Some(openai(5_000))).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+        assert_eq!(r.body["error"]["code"], "request_too_large", "{path}");
+        assert_eq!(r.body["error"]["type"], "invalid_request_error", "{path}");
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_request_bytes")
+        );
+    }
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let r = s.raw(Method::POST, path, &an, Some(anthropic(5_000))).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+        assert_eq!(r.body["type"], "error", "{path}");
+        assert_eq!(r.body["error"]["type"], "request_too_large", "{path}");
+    }
+    // Over it without a length (chunked): refused when the limit is passed.
+    let (status, body) = chunked(&s, "/v1/chat/completions", &oa, openai(5_000)).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["code"], "request_too_large");
+    let (status, body) = chunked(&s, "/v1/messages", &an, anthropic(5_000)).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["type"], "request_too_large");
+    // Chunked and under the limit: served.
+    let (status, _) = chunked(&s, "/v1/chat/completions", &oa, openai(3_000)).await;
+    assert_eq!(status, 200);
+    // The refusals reached no upstream and held nothing.
+    assert_eq!(up.received().len(), served + 1);
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}

@@ -160,6 +160,8 @@ impl FakeUpstream {
             .route("/v1/messages", post(anthropic_messages))
             .route("/v1/messages/count_tokens", post(anthropic_count_tokens))
             .with_state(Arc::clone(&inner))
+            // Providers take large bodies (images, long contexts): Anthropic 32 MB.
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .layer(axum::middleware::map_response(with_request_id));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let scheme = if tls.is_some() { "https" } else { "http" };
