@@ -155,7 +155,7 @@ pub const COUNT_CACHE_ENTRIES: usize = 65_536;
 const COUNT_CACHE_MAX_TEXT: usize = 1 << 20;
 
 /// tiktoken's count of `s` (as `encode_with_special_tokens` counts it),
-/// not cached: ASCII text without tiktoken's regex ([`ascii`]: the same
+/// not cached: ASCII text without tiktoken's regex (`estimate/ascii.rs`: the same
 /// counts, faster), anything else through tiktoken.
 pub fn count_tokens(bpe: &'static tiktoken_rs::CoreBPE, s: &str) -> u64 {
     ascii::of(bpe)
