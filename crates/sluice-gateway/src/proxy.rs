@@ -53,15 +53,16 @@ use self::usage::*;
 /// before falling back to its own backoff; beyond it we say `x-should-retry: false`.
 const SDK_MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
 
-/// An OpenAI-shaped error.
+/// An OpenAI-shaped error; `param` names the request field at fault, as OpenAI's own errors do.
 fn openai_error(
     status: StatusCode,
     kind: &str,
     code: &str,
+    param: Option<&str>,
     message: impl Into<String>,
 ) -> Response {
     let body =
-        json!({"error": {"message": message.into(), "type": kind, "code": code, "param": null}});
+        json!({"error": {"message": message.into(), "type": kind, "code": code, "param": param}});
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -79,7 +80,7 @@ fn wire_error(
     message: impl Into<String>,
 ) -> Response {
     match wire {
-        Wire::OpenAi => openai_error(status, kind, code, message),
+        Wire::OpenAi => openai_error(status, kind, code, None, message),
         Wire::Anthropic => {
             let t = match status.as_u16() {
                 401 => "authentication_error",
@@ -382,15 +383,63 @@ fn admit(
             format!("`{name}` is served on the other wire format: use {route}"),
         ));
     }
-    for (field, value) in [("max_tokens", &req["max_tokens"]), ("n", &req["n"])] {
-        if !value.is_null() && value.as_u64().is_none() {
-            return Err(bad(
+    if let Err((field, message)) = check_fields(&req) {
+        return Err(match wire {
+            Wire::OpenAi => openai_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
                 "invalid_value",
-                format!("`{field}` must be a non-negative integer"),
+                Some(field),
+                message,
+            ),
+            Wire::Anthropic => bad("invalid_value", message),
+        });
+    }
+    Ok((caller, req, model))
+}
+
+/// The fields that size the hold or choose how the answer is read, checked
+/// for their type: a value Sluice would read as absent (`"max_tokens":
+/// "100"`, `"stream": "true"`) is refused naming it, rather than held at
+/// the model's maximum or read as a non-stream, whatever a lenient upstream
+/// makes of it. `null` stands for absent, as on the providers' APIs.
+fn check_fields(req: &Value) -> Result<(), (&'static str, String)> {
+    for field in [
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "best_of",
+    ] {
+        let v = &req[field];
+        if !v.is_null() && v.as_u64().is_none() {
+            return Err((field, format!("`{field}` must be a non-negative integer")));
+        }
+    }
+    if !matches!(req["stream"], Value::Null | Value::Bool(_)) {
+        return Err(("stream", "`stream` must be true or false".into()));
+    }
+    match &req["stream_options"] {
+        Value::Null => {}
+        Value::Object(o) => {
+            if !matches!(
+                o.get("include_usage"),
+                None | Some(Value::Null | Value::Bool(_))
+            ) {
+                return Err((
+                    "stream_options.include_usage",
+                    "`stream_options.include_usage` must be true or false".into(),
+                ));
+            }
+        }
+        _ => {
+            return Err((
+                "stream_options",
+                "`stream_options` must be an object".into(),
             ));
         }
     }
-    Ok((caller, req, model))
+    Ok(())
 }
 
 /// `POST /v1/messages/count_tokens` (Anthropic wire): forwarded to the
@@ -635,6 +684,7 @@ pub async fn openai_models(State(st): State<Arc<AppState>>, headers: HeaderMap) 
             e.status,
             "invalid_request_error",
             "invalid_api_key",
+            None,
             e.message,
         );
     }

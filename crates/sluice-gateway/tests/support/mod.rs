@@ -184,24 +184,56 @@ impl Rng {
     }
 }
 
+/// The odd JSON values the mutations use.
+pub fn wild_values() -> Vec<Value> {
+    vec![
+        Value::Null,
+        json!(true),
+        json!(-1),
+        json!(0),
+        json!(1e308),
+        json!(u64::MAX),
+        json!(-0.000001),
+        json!("NaN"),
+        json!(""),
+        json!("agent://a/b/c"),
+        json!("ü🦀\u{0}x"),
+        json!([1, "x", null]),
+        json!({"nested": {"deep": [1, 2, 3]}}),
+        json!("x".repeat(300)),
+    ]
+}
+
 /// An odd JSON value.
 pub fn wild(rng: &mut Rng) -> Value {
-    match rng.below(14) {
-        0 => Value::Null,
-        1 => json!(true),
-        2 => json!(-1),
-        3 => json!(0),
-        4 => json!(1e308),
-        5 => json!(u64::MAX),
-        6 => json!(-0.000001),
-        7 => json!("NaN"),
-        8 => json!(""),
-        9 => json!("agent://a/b/c"),
-        10 => json!("ü🦀\u{0}x"),
-        11 => json!([1, "x", null]),
-        12 => json!({"nested": {"deep": [1, 2, 3]}}),
-        _ => json!("x".repeat(300)),
+    let mut all = wild_values();
+    let i = rng.below(all.len());
+    all.swap_remove(i)
+}
+
+/// Every member and element of `v` (at any depth), as a JSON pointer.
+pub fn pointers(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let walk = |base: &str, child: &Value, out: &mut Vec<String>| {
+        out.push(base.to_owned());
+        for p in pointers(child) {
+            out.push(format!("{base}{p}"));
+        }
+    };
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                walk(&format!("/{k}"), child, &mut out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                walk(&format!("/{i}"), child, &mut out);
+            }
+        }
+        _ => {}
     }
+    out
 }
 
 /// Mutate a JSON value: replace, delete or add members, recursively.
