@@ -6,8 +6,9 @@
 #   (examples/bare_proxy.rs: the same axum server and upstream pool forwarding bytes,
 #   nothing else) and sluice back to back in each of ROUNDS rounds (median
 #   ratios reported: this machine is noisy), LiteLLM once.
-# - Added latency: open loop at RATE req/s (default 1,000): sluice minus direct
-#   at p50 and p99. LiteLLM cannot sustain that on one core, so it is measured
+# - Added latency: open loop at RATE req/s (default 1,000), in every round:
+#   each proxy minus that round's direct at p50 and p99, then the median over
+#   the rounds of each. LiteLLM cannot sustain that on one core, so it is measured
 #   at 80% of its own max, with sluice at the same rate for comparison.
 # - Both non-streaming and streaming (`"stream": true`, 4 chunks + usage).
 # - Busy polling: a second bare proxy and a second sluice with busy polling
@@ -106,13 +107,14 @@ echo "warming up" >&2
 load "$UP" sk-fake false --secs 2 >/dev/null; load "$SLUICE" "$KEY" false --secs 2 >/dev/null
 load "$SLUICE_BUSY" "$KEY_BUSY" false --secs 2 >/dev/null; park
 
+NAMES=("direct" "bare proxy" "sluice" "bare proxy, busy_poll_ms=$BUSY_MS" "sluice, busy_poll_ms=$BUSY_MS")
 for STREAM in false true; do
   echo
   echo "### stream: $STREAM"
   echo
   echo "| round | direct max rps | bare proxy max rps | sluice max rps | sluice / direct | bare / direct | sluice / bare | sluice busy-poll max rps | sluice busy-poll / direct |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-  RATIOS=(); BRATIOS=(); SB=(); S_RPS=(); BUSY=()
+  RATIOS=(); BRATIOS=(); SB=(); S_RPS=(); BUSY=(); LAT=()
   for r in $(seq 1 "$ROUNDS"); do
     D="$(load "$UP" sk-fake "$STREAM")"; P="$(load "$BARE" sk-fake "$STREAM")"; S="$(load "$SLUICE" "$KEY" "$STREAM")"
     SP="$(load "$SLUICE_BUSY" "$KEY_BUSY" "$STREAM")"; park
@@ -123,23 +125,43 @@ for STREAM in false true; do
     busy="$(python3 -c "print(f'{$(field "$SP" rps) / $(field "$D" rps):.3f}')")"
     RATIOS+=("$ratio"); BRATIOS+=("$bratio"); SB+=("$sb"); S_RPS+=("$(field "$S" rps)"); BUSY+=("$busy")
     echo "| $r | $(field "$D" rps) | $(field "$P" rps) | $(field "$S" rps) | $ratio | $bratio | $sb | $(field "$SP" rps) | $busy |"
+    # The open-loop latency runs of this round, in the order of NAMES.
+    D1="$(load "$UP" sk-fake "$STREAM" --rate "$RATE")"; P1="$(load "$BARE" sk-fake "$STREAM" --rate "$RATE")"; S1="$(load "$SLUICE" "$KEY" "$STREAM" --rate "$RATE")"
+    PB1="$(load "$BARE_BUSY" sk-fake "$STREAM" --rate "$RATE")"; park
+    SB1="$(load "$SLUICE_BUSY" "$KEY_BUSY" "$STREAM" --rate "$RATE")"; park
+    check_errors direct "$D1"; check_errors bare "$P1"; check_errors sluice "$S1"
+    check_errors "bare busy-poll" "$PB1"; check_errors "sluice busy-poll" "$SB1"
+    LAT+=("$r|$(field "$D1" p50_us)|$(field "$D1" p99_us)|$(field "$P1" p50_us)|$(field "$P1" p99_us)|$(field "$S1" p50_us)|$(field "$S1" p99_us)|$(field "$PB1" p50_us)|$(field "$PB1" p99_us)|$(field "$SB1" p50_us)|$(field "$SB1" p99_us)")
   done
   echo
   echo "median max throughput: sluice / direct $(python3 -c "print(f'{$(median "${RATIOS[@]}"):.0%}')")," \
     "bare proxy / direct $(python3 -c "print(f'{$(median "${BRATIOS[@]}"):.0%}')"), sluice / bare proxy $(python3 -c "print(f'{$(median "${SB[@]}"):.0%}')")," \
     "sluice busy-poll / direct $(python3 -c "print(f'{$(median "${BUSY[@]}"):.0%}')")"
-  D1="$(load "$UP" sk-fake "$STREAM" --rate "$RATE")"; P1="$(load "$BARE" sk-fake "$STREAM" --rate "$RATE")"; S1="$(load "$SLUICE" "$KEY" "$STREAM" --rate "$RATE")"
-  PB1="$(load "$BARE_BUSY" sk-fake "$STREAM" --rate "$RATE")"; park
-  SB1="$(load "$SLUICE_BUSY" "$KEY_BUSY" "$STREAM" --rate "$RATE")"; park
-  check_errors direct "$D1"; check_errors bare "$P1"; check_errors sluice "$S1"
-  check_errors "bare busy-poll" "$PB1"; check_errors "sluice busy-poll" "$SB1"
   echo
-  echo "| at $RATE req/s | p50 (µs) | p99 (µs) | p50 added to direct | p99 added to direct |"
+  # Each round's p50 and p99 (µs), each proxy's added to that round's direct;
+  # then the median over the rounds of each added figure (a single run's p99
+  # on this VM is the 1% worst of its few thousand calls, and moves by the minute).
+  echo "| at $RATE req/s, round | p50 (µs) | p99 (µs) | p50 added to direct | p99 added to direct |"
   echo "|---|---:|---:|---:|---:|"
-  for row in "direct:$D1" "bare proxy:$P1" "sluice:$S1" "bare proxy, busy_poll_ms=$BUSY_MS:$PB1" "sluice, busy_poll_ms=$BUSY_MS:$SB1"; do
-    name="${row%%:*}"; res="${row#*:}"
-    echo "| $name | $(field "$res" p50_us) | $(field "$res" p99_us) | $(( $(field "$res" p50_us) - $(field "$D1" p50_us) )) | $(( $(field "$res" p99_us) - $(field "$D1" p99_us) )) |"
-  done
+  python3 - "$RATE" "${NAMES[@]}" -- "${LAT[@]}" <<'PY'
+import statistics, sys
+args = sys.argv[2:]
+cut = args.index("--")
+names, rows = args[:cut], [r.split("|") for r in args[cut + 1:]]
+added = {n: ([], []) for n in names}
+for row in rows:
+    r, vals = row[0], list(map(int, row[1:]))
+    d50, d99 = vals[0], vals[1]
+    for i, n in enumerate(names):
+        p50, p99 = vals[2 * i], vals[2 * i + 1]
+        print(f"| {n}, round {r} | {p50} | {p99} | {p50 - d50} | {p99 - d99} |")
+        added[n][0].append(p50 - d50); added[n][1].append(p99 - d99)
+print()
+print(f"| at {sys.argv[1]} req/s: median over {len(rows)} rounds | p50 added to direct | p99 added to direct |")
+print("|---|---:|---:|")
+for n in names[1:]:
+    print(f"| {n} | {statistics.median(added[n][0]):.0f} | {statistics.median(added[n][1]):.0f} |")
+PY
   declare "SMAX_$STREAM=$(median "${S_RPS[@]}")"
 done
 echo
