@@ -223,8 +223,11 @@ fn subjects(caller: &Caller, headers: &HeaderMap, model: &Model) -> Result<Vec<S
     }
     for (header, kind) in [("x-sluice-user", "user"), ("x-sluice-session", "session")] {
         if let Some(v) = headers.get(header) {
-            let text = format!("{kind}:{}", v.to_str().unwrap_or(""));
-            let s = Subject::parse(&text).map_err(|e| format!("{header}: {e}"))?;
+            // UTF-8 ids (`ü`, `用户`) are taken as they are; other bytes are named as the fault.
+            let id = std::str::from_utf8(v.as_bytes())
+                .map_err(|_| format!("{header}: the value is not UTF-8"))?;
+            let s =
+                Subject::parse(&format!("{kind}:{id}")).map_err(|e| format!("{header}: {e}"))?;
             out.push(s);
         }
     }

@@ -232,6 +232,125 @@ async fn bad_requests_get_openai_shaped_errors() {
     s.stop().await;
 }
 
+/// `x-sluice-user` and `x-sluice-session` add their subjects to every
+/// check: each one's policy is enforced (refused without an upstream call,
+/// naming it) and each is charged the call's exact cost; other users and
+/// sessions are untouched; a malformed value is a 400 naming the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_session_headers_are_subjects_limited_and_charged() {
+    let (s, up, key, _dir) = setup(10.0).await;
+    for (subject, limit) in [
+        (
+            "user:alice",
+            json!({"metric": "requests", "limit": 2, "window": "1h"}),
+        ),
+        (
+            "session:s1",
+            json!({"metric": "cost_usd", "limit": 1.0, "window": "day"}),
+        ),
+        (
+            "user:ü用户",
+            json!({"metric": "requests", "limit": 1, "window": "1h"}),
+        ),
+    ] {
+        let r = s
+            .admin(
+                Method::PUT,
+                &format!("/v1/policies/{subject}"),
+                Some(json!({"limits": [limit]})),
+            )
+            .await;
+        assert!(r.status.is_success(), "{subject}: {:?}", r.body);
+    }
+    let call = |user: &'static str, session: &'static str| {
+        let (s, key) = (s.handle(), key.clone());
+        async move {
+            let auth = format!("Bearer {key}");
+            let mut h = vec![
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ];
+            if !user.is_empty() {
+                h.push(("x-sluice-user", user));
+            }
+            if !session.is_empty() {
+                h.push(("x-sluice-session", session));
+            }
+            s.raw(
+                Method::POST,
+                "/v1/chat/completions",
+                &h,
+                Some(serde_json::to_vec(&chat(10)).unwrap()),
+            )
+            .await
+        }
+    };
+    assert_eq!(call("alice", "s1").await.status, StatusCode::OK);
+    assert_eq!(call("alice", "").await.status, StatusCode::OK);
+    let r = call("alice", "s1").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("user:alice"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(up.requests(), 2, "the refusal was not forwarded");
+    // Another user, and the session alone, still pass.
+    assert_eq!(call("bob", "s1").await.status, StatusCode::OK);
+    // A UTF-8 id is its own subject, with its own policy.
+    assert_eq!(call("ü用户", "").await.status, StatusCode::OK);
+    assert_eq!(
+        call("ü用户", "").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(up.requests(), 4);
+    // Each subject was charged exactly its calls: the fake upstream's 12 in,
+    // 5 out at 2 and 8 $/Mtok is 64 micro-dollars a call.
+    let used = |subject: &'static str| {
+        let s = s.handle();
+        async move {
+            let u = s
+                .admin(Method::GET, &format!("/v1/usage/{subject}"), None)
+                .await;
+            assert!(u.status.is_success(), "{subject}: {:?}", u.body);
+            u.body["limits"][0]["used"].as_f64().unwrap()
+        }
+    };
+    assert_eq!(used("user:alice").await, 2.0);
+    assert!((used("session:s1").await - 2.0 * 64e-6).abs() < 1e-12);
+    assert!((usage(&s).await["limits"][0]["used"].as_f64().unwrap() - 4.0 * 64e-6).abs() < 1e-12);
+    // Malformed values: a 400 naming the header, nothing forwarded or held.
+    for (user, session) in [("a b", ""), ("", "s\tx"), ("", " ")] {
+        let r = call(user, session).await;
+        assert_eq!(
+            r.status,
+            StatusCode::BAD_REQUEST,
+            "{user:?} {session:?}: {:?}",
+            r.body
+        );
+        assert_eq!(r.body["error"]["code"], "invalid_subject");
+        let header = if user.is_empty() {
+            "x-sluice-session"
+        } else {
+            "x-sluice-user"
+        };
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(header),
+            "{:?}",
+            r.body
+        );
+    }
+    assert_eq!(up.requests(), 4);
+    assert_eq!(outstanding(&s).await, 0);
+    s.stop().await;
+}
+
 /// Every field that sizes the hold or decides how the answer is read is
 /// checked for its type before anything is held: each bad value gets a 400
 /// in the wire's shape naming the field (OpenAI's `param` too), the
