@@ -117,6 +117,39 @@ async fn a_call_is_forwarded_with_the_upstream_key_and_charged_exactly() {
     let u = usage(&s).await;
     assert_eq!(u["limits"][0]["used"], 0.0041);
     assert_eq!(outstanding(&s).await, 0);
+    // The answer's rate-limit headers are the agent's own budget (in
+    // micro-dollars) as it stood with this call's worst case held:
+    // 2 µ$ an input token, 8 an output token, the day ending in 16 h.
+    let input = sluice_gateway::proxy::estimate_input_tokens(
+        sluice_gateway::proxy::Endpoint::Chat,
+        "fake-model-1",
+        &chat(500),
+    );
+    let worst = input * 2 + 500 * 8;
+    let remaining = |r: &Reply| {
+        r.header("x-ratelimit-remaining")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(r.header("x-ratelimit-limit"), Some("10000000"));
+    assert_eq!(remaining(&r), 10_000_000 - worst);
+    assert_eq!(r.header("x-ratelimit-reset"), Some("57600"));
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"cost_usd-day\";q=10000000;w=86400")
+    );
+    assert_eq!(
+        r.header("ratelimit"),
+        Some(format!("\"cost_usd-day\";r={};t=57600", 10_000_000 - worst).as_str())
+    );
+    // The next call's: the first settled at its actual 4,100 µ$, this one's worst case held.
+    let r = s
+        .call(Method::POST, "/v1/chat/completions", &key, Some(chat(500)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(remaining(&r), 10_000_000 - 4_100 - worst);
+    assert_eq!(outstanding(&s).await, 0);
     // The ledger has the tokens too (spend roll-up, after the batch is written).
     s.stop().await;
 }
