@@ -110,6 +110,11 @@ async fn a_call_is_forwarded_with_the_upstream_key_and_charged_exactly() {
     );
     assert_eq!(r.header("x-sluice-model"), Some("gpt-test"));
     assert!(r.header("ratelimit").is_some());
+    // The provider's request id is passed on; its other headers are not.
+    assert!(
+        r.header("x-request-id")
+            .is_some_and(|id| id.starts_with("req_fake_"))
+    );
     let got = &up.received()[0];
     assert_eq!(got.headers["authorization"], "Bearer upstream-secret");
     assert_eq!(got.body["model"], "fake-model-1");
@@ -1051,6 +1056,13 @@ async fn the_anthropic_wire_is_charged_from_usage_and_from_stream_events() {
         .await
         .unwrap();
     assert_eq!(r.headers()["content-type"], "text/event-stream");
+    // Anthropic's request id, on a stream too.
+    assert!(
+        r.headers()["request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_fake_")
+    );
     let text = r.text().await.unwrap();
     assert!(text.contains("event: message_stop"), "{text}");
     settled(&s).await;

@@ -162,7 +162,7 @@ impl FakeUpstream {
             .with_state(Arc::clone(&inner))
             // Providers take large bodies (images, long contexts): Anthropic 32 MB.
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-            .layer(axum::middleware::map_response(with_request_id));
+            .layer(axum::middleware::from_fn(with_request_id));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let base_url = format!("{scheme}://{}/v1", listener.local_addr().unwrap());
@@ -254,12 +254,19 @@ impl FakeUpstream {
 
 type Shared = State<Arc<Mutex<Inner>>>;
 
-/// Every answer carries a provider request id, as real providers' do.
-async fn with_request_id(mut r: Response) -> Response {
+/// Every answer carries a provider request id, as real providers' do:
+/// OpenAI's `x-request-id`, Anthropic's `request-id` on its routes.
+async fn with_request_id(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let header = if req.uri().path().starts_with("/v1/messages") {
+        "request-id"
+    } else {
+        "x-request-id"
+    };
+    let mut r = next.run(req).await;
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     r.headers_mut()
-        .insert("x-request-id", format!("req_fake_{n}").parse().unwrap());
+        .insert(header, format!("req_fake_{n}").parse().unwrap());
     r
 }
 

@@ -137,6 +137,13 @@ fn the_official_openai_sdk_works_through_sluice() {
     assert_eq!(out["content"], "Hello from the fake");
     assert_eq!(out["streamed"], "Hello from the fake");
     assert_eq!(out["usage"], json!({"prompt": 12, "completion": 5}));
+    // The provider's request id reaches the SDK (`_request_id`), for its support.
+    assert!(
+        out["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("req_fake_")),
+        "{out}"
+    );
     assert_eq!(out["models"], json!(["gpt-test"]));
     assert_eq!(s.up.requests(), 3);
     assert_eq!(
@@ -199,6 +206,12 @@ fn the_official_anthropic_sdk_works_through_sluice() {
     assert_eq!(out["content"], "Hello from the fake");
     assert_eq!(out["streamed"], "Hello from the fake");
     assert_eq!(out["usage"], json!({"input": 12, "output": 5}));
+    assert!(
+        out["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("req_fake_")),
+        "{out}"
+    );
     assert_eq!(s.up.requests(), 2);
     assert_eq!(s.up.received()[0].headers["x-api-key"], "upstream-secret");
     assert_eq!(s.used(), 0.000128);

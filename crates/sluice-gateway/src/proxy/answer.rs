@@ -51,9 +51,24 @@ pub(super) async fn answer(
         .find_map(|k| resp.headers.get(*k))
         .and_then(|v| v.to_str().ok())
         .map(|v| v.chars().take(200).collect::<String>());
+    // Passed on as they came, for the SDKs (`_request_id`) and the
+    // provider's support; no other upstream header is (its rate-limit
+    // headers describe the shared upstream key, not this agent).
+    let upstream_ids = [
+        resp.headers.get("x-request-id").cloned(),
+        resp.headers.get("request-id").cloned(),
+    ];
     let headers_out = |r: &mut Response| {
         if let Ok(v) = HeaderValue::try_from(model.name.as_str()) {
             r.headers_mut().insert("x-sluice-model", v);
+        }
+        for (name, v) in ["x-request-id", "request-id"]
+            .into_iter()
+            .zip(&upstream_ids)
+        {
+            if let Some(v) = v {
+                r.headers_mut().insert(name, v.clone());
+            }
         }
         r.headers_mut()
             .extend(ratelimit::typed(ratelimit::allowed(&held.limits, held.now)));

@@ -11,6 +11,7 @@ out = {}
 if sys.argv[1] == "ok":
     r = client.messages.create(model="claude-test", max_tokens=100, messages=messages)
     out["content"] = r.content[0].text
+    out["request_id"] = r._request_id
     out["usage"] = {"input": r.usage.input_tokens, "output": r.usage.output_tokens}
     with client.messages.stream(model="claude-test", max_tokens=100, messages=messages) as stream:
         out["streamed"] = "".join(stream.text_stream)

@@ -12,6 +12,7 @@ if sys.argv[1] == "ok":
     r = client.chat.completions.create(model="gpt-test", messages=messages, max_tokens=100)
     out["content"] = r.choices[0].message.content
     out["usage"] = {"prompt": r.usage.prompt_tokens, "completion": r.usage.completion_tokens}
+    out["request_id"] = r._request_id
     stream = client.chat.completions.create(model="gpt-test", messages=messages, max_tokens=100, stream=True)
     out["streamed"] = "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
     out["models"] = [m.id for m in client.models.list()]
