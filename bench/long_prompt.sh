@@ -17,6 +17,9 @@
 #
 #   bash bench/long_prompt.sh            # MSGS=30 (about 74 KB), ROUNDS=3, SECS=5
 #   MSGS=4 bash bench/long_prompt.sh     # about 12 KB
+#   ALIAS=1 bash bench/long_prompt.sh    # the model asked for is an alias (upstream_name differs):
+#                                        # the body goes upstream with the model renamed
+#   OLD_BIN=path/to/sluice bash bench/long_prompt.sh   # that binary too, in the same rounds (an A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${SECS:-5}"; ROUNDS="${ROUNDS:-3}"; MSGS="${MSGS:-30}"
@@ -34,12 +37,25 @@ UP="$(wait_addr "$WORK/up.log")"
 ADMIN="bench-admin-key-0123456789abcdef"
 AGENT="agent://bench/prod/bot"
 fake_provider_toml "$UP" "$WORK/sluice.toml"
-BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN1 "$BIN/sluice" serve \
-  --listen 127.0.0.1:0 --data-dir "$WORK/data" --config "$WORK/sluice.toml" 2>"$WORK/sluice.log" >/dev/null &
-SLUICE_PID=$!
-SLUICE="$(wait_addr "$WORK/sluice.log")"
-bench_policy "$SLUICE" "$ADMIN" "$AGENT"
-KEY="$(agent_key "$SLUICE" "$ADMIN" "$AGENT")"
+MODEL=gpt-4o-mini
+if [ "${ALIAS:-0}" = "1" ]; then
+  MODEL=agent-fast
+  sed -i 's/^name = "gpt-4o-mini"$/name = "agent-fast"\nupstream_name = "gpt-4o-mini"/' "$WORK/sluice.toml"
+fi
+start() { # $1 binary, $2 name; sets PID, URL and KEY (in this shell, so that the EXIT trap stops it)
+  BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN1 "$1" serve \
+    --listen 127.0.0.1:0 --data-dir "$WORK/data-$2" --config "$WORK/sluice.toml" 2>"$WORK/$2.log" >/dev/null &
+  PID=$!
+  URL="$(wait_addr "$WORK/$2.log")"
+  bench_policy "$URL" "$ADMIN" "$AGENT"
+  KEY="$(agent_key "$URL" "$ADMIN" "$AGENT")"
+}
+start "$BIN/sluice" new
+NAMES=("sluice"); URLS=("$URL"); KEYS=("$KEY"); PIDS=("$PID")
+if [ -n "${OLD_BIN:-}" ]; then
+  start "$OLD_BIN" old
+  NAMES+=("sluice $OLD_BIN"); URLS+=("$URL"); KEYS+=("$KEY"); PIDS+=("$PID")
+fi
 $PIN1 "$BIN/examples/bare_proxy" "$UP/v1" 2>"$WORK/bare.log" &
 BARE_PID=$!
 BARE="$(wait_addr "$WORK/bare.log")"
@@ -47,9 +63,9 @@ TCK="$(getconf CLK_TCK)"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # the process's user + kernel ticks, all threads
 
 # {n} is where --unique puts the call's number.
-BODY="$(python3 - "$MSGS" <<'PY'
+BODY="$(python3 - "$MSGS" "$MODEL" <<'PY'
 import json, sys
-n = int(sys.argv[1])
+n, model = int(sys.argv[1]), sys.argv[2]
 para = ("The agent read the file src/main.rs and found that the function parse_config returns an error "
         "when the key is missing; it then planned to add a default value, ran the tests, and summarised: "
         "14 passed, 2 failed (test_empty, test_unicode). ")
@@ -57,7 +73,7 @@ msgs = [{"role": "system", "content": "You are a coding agent. " + para * 4}]
 for i in range(n):
     msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}. " + para * 10})
 msgs.append({"role": "user", "content": "Call {n}. What next?"})
-print(json.dumps({"model": "gpt-4o-mini", "max_tokens": 64, "messages": msgs}))
+print(json.dumps({"model": model, "max_tokens": 64, "messages": msgs}))
 PY
 )"
 load() { # $1 base url, $2 bearer, rest: loadgen's
@@ -73,14 +89,17 @@ measure() {
   t0="$(ticks "$pid")"; out="$(load "$url" "$auth" "$@")"; t1="$(ticks "$pid")"
   python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(r['rps'], f\"{($t1 - $t0) * 1e6 / $TCK / r['requests']:.1f}\")" "$out"
 }
-load "$SLUICE" "$KEY" --secs 2 --unique >/dev/null; load "$BARE" sk-fake --secs 2 >/dev/null
-echo "body: ${#BODY} bytes, $((MSGS + 2)) messages; CPU per call from /proc (CLK_TCK $TCK)"
+for i in "${!URLS[@]}"; do load "${URLS[$i]}" "${KEYS[$i]}" --secs 2 --unique >/dev/null; done
+load "$BARE" sk-fake --secs 2 >/dev/null
+echo "body: ${#BODY} bytes, $((MSGS + 2)) messages, model $MODEL; CPU per call from /proc (CLK_TCK $TCK)"
 echo
-echo "| round | direct max rps | bare proxy max rps | sluice max rps | bare proxy CPU µs per call | sluice CPU µs per call | sluice minus bare (µs) |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| round | direct max rps | bare proxy max rps | bare proxy CPU µs per call | binary | sluice max rps | sluice CPU µs per call | sluice minus bare (µs) |"
+echo "|---|---:|---:|---:|---|---:|---:|---:|"
 for r in $(seq 1 "$ROUNDS"); do
   D="$(field "$(load "$UP" sk-fake)" rps)"
   read -r B BC <<<"$(measure "$BARE" sk-fake "$BARE_PID")"
-  read -r S SC <<<"$(measure "$SLUICE" "$KEY" "$SLUICE_PID" --unique)"
-  echo "| $r | $D | $B | $S | $BC | $SC | $(python3 -c "print(f'{$SC - $BC:.1f}')") |"
+  for i in "${!URLS[@]}"; do
+    read -r S SC <<<"$(measure "${URLS[$i]}" "${KEYS[$i]}" "${PIDS[$i]}" --unique)"
+    echo "| $r | $D | $B | $BC | ${NAMES[$i]} | $S | $SC | $(python3 -c "print(f'{$SC - $BC:.1f}')") |"
+  done
 done

@@ -461,8 +461,10 @@ pub async fn anthropic_count_tokens(
         Ok(x) => x,
         Err(r) => return r,
     };
-    req["model"] = Value::from(model.upstream_name.clone());
-    let bytes = Bytes::from(req.to_string());
+    let bytes = with_model(&body, &model.upstream_name).unwrap_or_else(|| {
+        req["model"] = Value::from(model.upstream_name.clone());
+        Bytes::from(req.to_string())
+    });
     match call_upstream(&st, model.provider, COUNT_TOKENS_PATH, bytes, &headers).await {
         Upstream::Answer(resp) => {
             let status = resp.status;
@@ -553,19 +555,29 @@ async fn proxy_request(
         let ask_usage = streaming
             && !client_wants_usage
             && matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
-        // The client's bytes go as they came unless the model's name or the stream options change.
-        let same = model.upstream_name == first.name && degraded.is_none();
-        let upstream_body = if same && !ask_usage {
-            body.clone()
-        } else if same && req.get("stream_options").is_none() {
-            with_include_usage(&body)
+        // The client's bytes go as they came, with the model's name and the
+        // stream options spliced in where they change; re-serialized from
+        // the tree only when a splice cannot do it (a degraded request, a
+        // `stream_options` to edit, a body whose `model` is not one string
+        // member).
+        let spliced = if degraded.is_some() || (ask_usage && req.get("stream_options").is_some()) {
+            None
+        } else if model.upstream_name == first.name {
+            Some(body.clone())
         } else {
-            let mut b = req.clone();
-            b["model"] = Value::from(model.upstream_name.clone());
-            if ask_usage {
-                b["stream_options"]["include_usage"] = Value::from(true);
+            with_model(&body, &model.upstream_name)
+        };
+        let upstream_body = match spliced {
+            Some(b) if ask_usage => with_include_usage(&b),
+            Some(b) => b,
+            None => {
+                let mut b = req.clone();
+                b["model"] = Value::from(model.upstream_name.clone());
+                if ask_usage {
+                    b["stream_options"]["include_usage"] = Value::from(true);
+                }
+                Bytes::from(b.to_string())
             }
-            Bytes::from(b.to_string())
         };
         // If the client goes away while the upstream works, this request is
         // dropped here: the guard settles it at once at the held worst case
@@ -634,6 +646,33 @@ async fn proxy_request(
             failure.1,
         ),
     }
+}
+
+/// The client's JSON object with its top-level `model` member's value
+/// replaced by `name`, spliced into its bytes (the rest as it came, not
+/// re-serialized); `None` when the body's `model` is not found as exactly
+/// one member (a duplicate key: the tree, which keeps the last, decides).
+fn with_model(body: &[u8], name: &str) -> Option<Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Model<'a> {
+        #[serde(borrow)]
+        model: &'a serde_json::value::RawValue,
+    }
+    let found: Model<'_> = serde_json::from_slice(body).ok()?;
+    // The raw value borrows the body: its place in it is the pointers' difference.
+    let raw = found.model.get().as_bytes();
+    let start = (raw.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start.checked_add(raw.len())?;
+    if body.get(start..end)? != raw {
+        return None;
+    }
+    let (head, tail) = (body.get(..start)?, body.get(end..)?);
+    let quoted = serde_json::to_string(name).ok()?;
+    let mut out = Vec::with_capacity(head.len() + quoted.len() + tail.len());
+    out.extend_from_slice(head);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(tail);
+    Some(Bytes::from(out))
 }
 
 /// The client's JSON object with `"stream_options":{"include_usage":true}`

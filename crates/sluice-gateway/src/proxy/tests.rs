@@ -214,6 +214,67 @@ fn include_usage_is_spliced_as_the_tree_would_set_it() {
     }
 }
 
+#[test]
+fn the_model_is_spliced_as_the_tree_would_set_it() {
+    for body in [
+        r#"{"model":"m","stream":true,"messages":[]}"#,
+        "  {\n \"model\" : \"m\" , \"n\": 1 }  ",
+        r#"{"messages":[{"role":"user","content":"model"}],"model":"a\"b\u00e9"}"#,
+        r#"{"tools":[{"model":"inner"}],"x":{"model":"deep"},"model":"m"}"#,
+        r#"{"model":"m","stream_options":{"model":"x"}}"#,
+    ] {
+        for name in ["gpt-4o-mini", "quote\"and\\slash", "ünï/中"] {
+            let spliced = with_model(body.as_bytes(), name).unwrap_or_else(|| panic!("{body}"));
+            let spliced: Value =
+                serde_json::from_slice(&spliced).unwrap_or_else(|e| panic!("{body}: {e}"));
+            let mut tree: Value = serde_json::from_str(body).unwrap();
+            tree["model"] = Value::from(name);
+            assert_eq!(spliced, tree, "{body} {name}");
+        }
+    }
+    // A duplicate `model` member is left to the tree (which keeps the last).
+    assert!(with_model(br#"{"model":"a","model":"b"}"#, "x").is_none());
+    // Then the usage request on top, as on a renamed stream.
+    let body = br#"{"model":"m","stream":true}"#;
+    let both: Value =
+        serde_json::from_slice(&with_include_usage(&with_model(body, "up").unwrap())).unwrap();
+    assert_eq!(
+        both,
+        json!({"model": "up", "stream": true, "stream_options": {"include_usage": true}})
+    );
+}
+
+/// Request bodies: objects with a string `model` somewhere among other
+/// members (nested objects with their own `model`, strings with escapes).
+fn request_body() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        "[a-z é\"\\\\\n\u{1}😀{}:,]{0,12}".prop_map(Value::from),
+    ];
+    let value = leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            proptest::collection::vec(("(model|[a-z]{1,6})", inner), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    });
+    (
+        proptest::collection::vec(("[a-z]{1,6}", value), 0..5),
+        "[a-z0-9é\"\\\\/-]{1,12}",
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(members, model, at)| {
+            let mut members: Vec<(String, Value)> =
+                members.into_iter().filter(|(k, _)| k != "model").collect();
+            let i = at.index(members.len() + 1);
+            members.insert(i, ("model".to_owned(), Value::from(model)));
+            Value::Object(members.into_iter().collect())
+        })
+}
+
 /// Stream events of every wire's shapes, with the fields Sluice reads
 /// present or not, of the right type or not.
 fn stream_event() -> impl proptest::strategy::Strategy<Value = Value> {
@@ -290,6 +351,23 @@ fn stream_event() -> impl proptest::strategy::Strategy<Value = Value> {
 
 proptest::proptest! {
     #![proptest_config(proptest::test_runner::Config::with_cases(1024))]
+
+    /// A body with its model spliced in reads back as the tree with the
+    /// model set, compact or pretty-printed.
+    #[test]
+    fn a_spliced_model_reads_as_the_tree_with_it_set(
+        v in request_body(),
+        name in "[a-z0-9é\"\\\\/-]{1,12}",
+        pretty in proptest::prelude::any::<bool>(),
+    ) {
+        let text = if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) }.unwrap();
+        let spliced = with_model(text.as_bytes(), &name);
+        proptest::prop_assert!(spliced.is_some(), "{}", text);
+        let spliced: Value = serde_json::from_slice(&spliced.unwrap()).unwrap();
+        let mut tree = v.clone();
+        tree["model"] = Value::from(name);
+        proptest::prop_assert_eq!(spliced, tree);
+    }
 
     /// An event read from its bytes (a chat chunk into a borrowed
     /// struct, anything else into a tree) leaves the same usage, text
