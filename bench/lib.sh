@@ -24,6 +24,19 @@ fake_provider_toml() {
   printf '[[providers]]\nname = "fake"\nformat = "openai"\nbase_url = "%s/v1"\napi_key_env = "BENCH_UPSTREAM_KEY"\n\n[[models]]\nname = "gpt-4o-mini"\nprovider = "fake"\n' "$1" >"$2"
 }
 
+# Start `sluice serve` (binary $1; $2 names its data dir and log under
+# $WORK) with $WORK/sluice.toml, pinned by $PIN1, the upstream key
+# BENCH_UPSTREAM_KEY=sk-fake and the admin key $ADMIN; sets PID, URL and
+# KEY (an agent key for "agent://bench/prod/bot"). Call it in the script's
+# own shell, not in $(...), so that the script's EXIT trap stops it.
+start_sluice_at() {
+  BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN1 "$1" serve \
+    --listen 127.0.0.1:0 --data-dir "$WORK/data-$2" --config "$WORK/sluice.toml" 2>"$WORK/$2.log" >/dev/null &
+  PID=$!
+  URL="$(wait_addr "$WORK/$2.log")"
+  KEY="$(agent_key "$URL" "$ADMIN" "agent://bench/prod/bot")"
+}
+
 # A new agent key for subject $3 from the sluice at $1 (admin key $2).
 agent_key() {
   curl -fsS -X POST "$1/v1/keys" -H "authorization: Bearer $2" -H 'content-type: application/json' \

@@ -42,13 +42,9 @@ if [ "${ALIAS:-0}" = "1" ]; then
   MODEL=agent-fast
   sed -i 's/^name = "gpt-4o-mini"$/name = "agent-fast"\nupstream_name = "gpt-4o-mini"/' "$WORK/sluice.toml"
 fi
-start() { # $1 binary, $2 name; sets PID, URL and KEY (in this shell, so that the EXIT trap stops it)
-  BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN1 "$1" serve \
-    --listen 127.0.0.1:0 --data-dir "$WORK/data-$2" --config "$WORK/sluice.toml" 2>"$WORK/$2.log" >/dev/null &
-  PID=$!
-  URL="$(wait_addr "$WORK/$2.log")"
+start() { # $1 binary, $2 name: start_sluice_at, and the policy on the agent
+  start_sluice_at "$1" "$2"
   bench_policy "$URL" "$ADMIN" "$AGENT"
-  KEY="$(agent_key "$URL" "$ADMIN" "$AGENT")"
 }
 start "$BIN/sluice" new
 NAMES=("sluice"); URLS=("$URL"); KEYS=("$KEY"); PIDS=("$PID")

@@ -27,16 +27,10 @@ $PIN0 "$BIN/examples/fake_upstream" 2>"$WORK/up.log" >/dev/null &
 UP="$(wait_addr "$WORK/up.log")"
 ADMIN="bench-admin-key-0123456789abcdef"
 fake_provider_toml "$UP" "$WORK/sluice.toml"
-start() { # $1 binary, $2 name; sets URL and KEY (in this shell, so that the EXIT trap stops it)
-  BENCH_UPSTREAM_KEY=sk-fake SLUICE_ADMIN_KEY="$ADMIN" SLUICE_LOG=warn $PIN1 "$1" serve \
-    --listen 127.0.0.1:0 --data-dir "$WORK/data-$2" --config "$WORK/sluice.toml" 2>"$WORK/$2.log" >/dev/null &
-  URL="$(wait_addr "$WORK/$2.log")"
-  KEY="$(agent_key "$URL" "$ADMIN" "agent://bench/prod/bot")"
-}
-start "$BIN/sluice" new
+start_sluice_at "$BIN/sluice" new
 NAMES=("this tree"); URLS=("$URL"); KEYS=("$KEY")
 if [ -n "${OLD_BIN:-}" ]; then
-  start "$OLD_BIN" old
+  start_sluice_at "$OLD_BIN" old
   NAMES+=("$OLD_BIN"); URLS+=("$URL"); KEYS+=("$KEY")
 fi
 # ~2 KB of prose; {n} is where --unique puts the call's number.

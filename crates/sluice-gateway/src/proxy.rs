@@ -468,14 +468,12 @@ pub async fn anthropic_count_tokens(
     match call_upstream(&st, model.provider, COUNT_TOKENS_PATH, bytes, &headers).await {
         Upstream::Answer(resp) => {
             let status = resp.status;
-            let id = resp.headers.get("request-id").cloned();
+            let ids = answer::RequestIds::of(&resp.headers);
             match resp.bytes().await {
                 Ok(bytes) => {
                     let mut r = (status, [(header::CONTENT_TYPE, "application/json")], bytes)
                         .into_response();
-                    if let Some(id) = id {
-                        r.headers_mut().insert("request-id", id);
-                    }
+                    ids.pass_on(&mut r);
                     r
                 }
                 Err(e) => wire_error(

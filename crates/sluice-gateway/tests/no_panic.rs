@@ -10,6 +10,21 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::*;
 
+/// An answer to a mutated `body` sent to `what`: not a 5xx, and an error
+/// with its type and message.
+fn no_5xx_and_a_json_error(what: &str, body: &Value, r: &Reply) {
+    assert!(
+        r.status.as_u16() < 500,
+        "{what}: {} {:?} for {body}",
+        r.status,
+        r.body
+    );
+    if !r.status.is_success() {
+        assert!(r.body["error"]["type"].is_string(), "{what}: {:?}", r.body);
+        assert!(r.body["error"]["message"].is_string());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_requests_never_get_a_5xx() {
     let dir = TempDir::new("nopanic");
@@ -79,20 +94,7 @@ async fn mutated_requests_never_get_a_5xx() {
                 )
                 .await;
             sent += 1;
-            assert!(
-                r.status.as_u16() < 500,
-                "{method} {path}: {} {:?} for {body}",
-                r.status,
-                r.body
-            );
-            if !r.status.is_success() {
-                assert!(
-                    r.body["error"]["type"].is_string(),
-                    "{method} {path}: {:?}",
-                    r.body
-                );
-                assert!(r.body["error"]["message"].is_string());
-            }
+            no_5xx_and_a_json_error(&format!("{method} {path}"), &body, &r);
         }
         let path = paths[round % paths.len()];
         for method in [Method::GET, Method::POST, Method::PUT, Method::DELETE] {
@@ -123,20 +125,7 @@ async fn mutated_requests_never_get_a_5xx() {
                     .call(method.clone(), path, ADMIN, Some(body.clone()))
                     .await;
                 sent += 1;
-                assert!(
-                    r.status.as_u16() < 500,
-                    "{method} {path} {pointer}: {} {:?} for {body}",
-                    r.status,
-                    r.body
-                );
-                if !r.status.is_success() {
-                    assert!(
-                        r.body["error"]["type"].is_string(),
-                        "{path} {pointer}: {:?}",
-                        r.body
-                    );
-                    assert!(r.body["error"]["message"].is_string());
-                }
+                no_5xx_and_a_json_error(&format!("{method} {path} {pointer}"), &body, &r);
             }
         }
     }

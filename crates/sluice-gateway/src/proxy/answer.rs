@@ -33,6 +33,38 @@ pub(super) struct StreamDetail<'a> {
     pub(super) upstream_model: &'a str,
 }
 
+/// The provider's request ids of an answer (OpenAI's `x-request-id`,
+/// Anthropic's `request-id`). Passed on as they came, for the SDKs
+/// (`_request_id`) and the provider's support; no other upstream header is
+/// (its rate-limit headers describe the shared upstream key, not this agent).
+pub(super) struct RequestIds([Option<HeaderValue>; 2]);
+
+impl RequestIds {
+    const NAMES: [&'static str; 2] = ["x-request-id", "request-id"];
+
+    pub(super) fn of(headers: &axum::http::HeaderMap) -> RequestIds {
+        RequestIds(Self::NAMES.map(|k| headers.get(k).cloned()))
+    }
+
+    /// The first of them, as the ledger keeps it (at most 200 characters).
+    fn for_ledger(&self) -> Option<String> {
+        self.0
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(200).collect())
+    }
+
+    pub(super) fn pass_on(&self, r: &mut Response) {
+        for (name, v) in Self::NAMES.into_iter().zip(&self.0) {
+            if let Some(v) = v {
+                r.headers_mut().insert(name, v.clone());
+            }
+        }
+    }
+}
+
 /// Pass an upstream answer on and settle its reservation.
 pub(super) async fn answer(
     endpoint: Endpoint,
@@ -45,31 +77,14 @@ pub(super) async fn answer(
 ) -> Response {
     let wire = endpoint.wire();
     let status = resp.status;
+    let upstream_ids = RequestIds::of(&resp.headers);
     // The provider's id for the call, for reconciling with its bill.
-    let request_id = ["x-request-id", "request-id"]
-        .iter()
-        .find_map(|k| resp.headers.get(*k))
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.chars().take(200).collect::<String>());
-    // Passed on as they came, for the SDKs (`_request_id`) and the
-    // provider's support; no other upstream header is (its rate-limit
-    // headers describe the shared upstream key, not this agent).
-    let upstream_ids = [
-        resp.headers.get("x-request-id").cloned(),
-        resp.headers.get("request-id").cloned(),
-    ];
+    let request_id = upstream_ids.for_ledger();
     let headers_out = |r: &mut Response| {
         if let Ok(v) = HeaderValue::try_from(model.name.as_str()) {
             r.headers_mut().insert("x-sluice-model", v);
         }
-        for (name, v) in ["x-request-id", "request-id"]
-            .into_iter()
-            .zip(&upstream_ids)
-        {
-            if let Some(v) = v {
-                r.headers_mut().insert(name, v.clone());
-            }
-        }
+        upstream_ids.pass_on(r);
         r.headers_mut()
             .extend(ratelimit::typed(ratelimit::allowed(&held.limits, held.now)));
     };
